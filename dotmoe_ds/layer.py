@@ -1,0 +1,268 @@
+"""The conversion-time DOT-MoE FFN (METHOD.md sections 3, 4 and 6).
+
+`DotMoEFFN` wraps one dense SwiGLU MLP. It keeps the dense `gate_proj`, `up_proj` and `down_proj`
+modules as they are (so parameter names, checkpoint loading and ZeRO-3 partitioning are untouched)
+and adds the learnable assignment scores `scores` (Theta, `[d_ff, E']`) and the token router.
+
+    y = W_d ( h(x) * m(x) ),   h(x) = act(W_g x) * (W_u x),   m(x) = A g(x)
+
+`A` (`[d_ff, E']`) says which expert each neuron belongs to and `g(x)` (`[E']`) how strongly each
+expert is used by token x; the shared expert, if any, is the last column with a gate of 1.
+With hard `A` and hard `g` this equals the materialised MoE (`materialise()`) to float precision.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .sinkhorn import (DEFAULT_TOL, one_hot_assignment, round_to_assignment, sinkhorn,
+                       ste_assignment)
+from .spec import MoESpec
+
+MODES = ("dense", "soft", "ste", "hard")
+ASSIGNERS = ("sinkhorn", "softmax")
+
+
+@dataclass
+class ExpertWeights:
+    """One layer's materialised experts (METHOD.md section 6), ready for an exporter."""
+
+    spec: MoESpec
+    expert_neurons: list[Tensor]      # per routed expert, ascending dense neuron indices
+    shared_neurons: Tensor | None     # ascending dense neuron indices of the shared expert
+    gate: list[Tensor]                # per expert [c_e, d] = W_g[S_e]
+    up: list[Tensor]                  # per expert [c_e, d] = W_u[S_e]
+    down: list[Tensor]                # per expert [d, c_e] = top_k * W_d[:, S_e]
+    router: Tensor                    # [E, d]
+    shared_gate: Tensor | None = None  # [c_0, d]
+    shared_up: Tensor | None = None    # [c_0, d]
+    shared_down: Tensor | None = None  # [d, c_0], unscaled: the exporter applies its target's factor
+
+
+@dataclass
+class RouterStats:
+    """What one forward pass's routing did, kept for the objective and monitoring."""
+
+    load_balance: Tensor   # Switch-style E * sum_e f_e * P_e (1 when perfectly balanced)
+    z_loss: Tensor         # mean logsumexp(router logits)^2
+    load: Tensor           # [E] share of routed slots per expert (sums to 1), detached
+    entropy: Tensor        # mean entropy of the router softmax, detached
+
+
+class DotMoEFFN(nn.Module):
+    """A dense SwiGLU MLP seen as a DOT-MoE: learnable neuron-to-expert plan plus token router.
+
+    Modes:
+      dense  the original MLP (the distillation teacher, and the reference);
+      soft   the soft Sinkhorn plan as assignment (for analysis);
+      ste    training: hard assignment forward, soft plan's gradient backward;
+      hard   evaluation/export: hard assignment and hard routing, equal to the materialised MoE.
+    Routing always uses the hard top-k gates in the forward pass; in training (`module.train()`)
+    with `routing_ste` (default) the backward pass also reaches non-selected experts through the
+    soft gates k * p. A fixed partition (the random/cluster baselines) is mode 'hard' with
+    `scores.requires_grad_(False)`: its router trains exactly as DOT's does.
+    """
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear,
+                 act_fn: Callable[[Tensor], Tensor], spec: MoESpec, *,
+                 init_assignment: Tensor | None = None, router_weight: Tensor | None = None,
+                 beta: float = 3.0, tau: float = 1.0, sinkhorn_iters: int = 50,
+                 sinkhorn_tol: float | None = DEFAULT_TOL, refine_rounds: int = 50,
+                 assigner: str = "sinkhorn", routing_ste: bool = True, mode: str = "ste"):
+        super().__init__()
+        _check_swiglu(gate_proj, up_proj, down_proj, act_fn, spec)
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+        self.spec = spec
+        hidden = gate_proj.in_features
+        weight = gate_proj.weight
+        factory = {"device": weight.device, "dtype": torch.float32}
+
+        scores = torch.zeros(spec.d_ff, spec.num_columns, **factory)
+        if init_assignment is not None:
+            init_assignment = torch.as_tensor(init_assignment, device=weight.device).long()
+            _check_assignment(init_assignment, spec)
+            scores = beta * one_hot_assignment(init_assignment, spec.num_columns, torch.float32)
+        # Theta stays fp32 whatever the model dtype: Sinkhorn at small tau needs the range.
+        self.scores = nn.Parameter(scores)
+        self.router = nn.Linear(hidden, spec.num_experts, bias=False, device=weight.device,
+                                dtype=weight.dtype)
+        with torch.no_grad():
+            if router_weight is None:
+                self.router.weight.zero_()
+            else:
+                if tuple(router_weight.shape) != (spec.num_experts, hidden):
+                    raise ValueError(f"router_weight must be [{spec.num_experts}, {hidden}], "
+                                     f"got {tuple(router_weight.shape)}")
+                self.router.weight.copy_(router_weight)
+
+        if assigner not in ASSIGNERS:
+            raise ValueError(f"assigner must be one of {ASSIGNERS}, got {assigner!r}")
+        self.assigner = assigner
+        self.tau = float(tau)
+        self.sinkhorn_iters = sinkhorn_iters
+        self.sinkhorn_tol = sinkhorn_tol
+        self.refine_rounds = refine_rounds
+        self.routing_ste = routing_ste
+        self.mode = mode
+        self.last_router_stats: RouterStats | None = None
+        self.last_assignment: Tensor | None = None   # hard assignment of the last forward (monitoring)
+        self._hard_cache: tuple[tuple, Tensor] | None = None
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self._mode = mode
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"d_ff={s.d_ff}, experts={s.num_experts}, top_k={s.top_k}, shared={s.shared}, "
+                f"mode={self.mode}, tau={self.tau:g}, assigner={self.assigner}")
+
+    # ------------------------------------------------------------------ assignment
+    def plan(self) -> Tensor:
+        """The soft plan `[d_ff, E']` at the current temperature (rows sum to 1, columns to capacity)."""
+        if self.assigner == "softmax":   # ablation: no optimal transport, rows only
+            return torch.softmax(self.scores.float() / self.tau, dim=-1)
+        return sinkhorn(self.scores.float(), self.spec.column_capacities, tau=self.tau,
+                        n_iters=self.sinkhorn_iters, tol=self.sinkhorn_tol)
+
+    @torch.no_grad()
+    def hard_assignment(self) -> Tensor:
+        """Column index per neuron `[d_ff]`, capacity-exact (recomputed when scores or tau change)."""
+        key = (self.scores.data_ptr(), self.scores._version, self.tau, self.assigner)
+        if self._hard_cache is None or self._hard_cache[0] != key:
+            assign = round_to_assignment(self.plan(), self.spec.column_capacities, self.refine_rounds)
+            self._hard_cache = (key, assign)
+        return self._hard_cache[1]
+
+    def assignment_matrix(self) -> Tensor:
+        """`A` of METHOD.md section 4 for the current mode, `[d_ff, E']`, fp32."""
+        if self.mode == "hard":
+            return one_hot_assignment(self.hard_assignment(), self.spec.num_columns)
+        plan = self.plan()
+        if self.mode == "soft":
+            return plan
+        A, assign = ste_assignment(plan, self.spec.column_capacities, refine_rounds=self.refine_rounds)
+        self.last_assignment = assign
+        return A
+
+    # ------------------------------------------------------------------ routing
+    def gates(self, x: Tensor) -> Tensor:
+        """Per-token expert gates `[..., E]`: k * p_e / sum_topk(p) on the top-k, else 0."""
+        k = self.spec.top_k
+        logits = self.router(x).float()
+        probs = torch.softmax(logits, dim=-1)
+        top_p, top_i = probs.topk(k, dim=-1)
+        hard = torch.zeros_like(probs).scatter(-1, top_i, k * top_p / top_p.sum(-1, keepdim=True))
+        if self.training:
+            self.last_router_stats = _router_stats(logits, probs, top_i)
+        if self.routing_ste and self.training:
+            soft = k * probs
+            return hard + (soft - soft.detach())
+        return hard
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        if self.mode == "dense":
+            return self.down_proj(h)
+        g = self.gates(x)
+        if self.spec.has_shared:
+            g = torch.cat([g, torch.ones_like(g[..., :1])], dim=-1)
+        if self.mode == "hard":
+            # A is one-hot: m_j = g[assign_j] exactly, and a gather is cheaper than the product.
+            mask = g[..., self.hard_assignment()]
+        else:
+            mask = g @ self.assignment_matrix().T
+        return self.down_proj(h * mask.to(h.dtype))
+
+    # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def materialise(self) -> ExpertWeights:
+        """Real experts from the hard assignment (METHOD.md section 6); tensors are fresh copies."""
+        spec = self.spec
+        assign = self.hard_assignment()
+        Wg, Wu, Wd = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        neurons = [torch.nonzero(assign == e).squeeze(1).cpu() for e in range(spec.num_columns)]
+        routed = neurons[: spec.num_experts]
+        shared = neurons[spec.num_experts] if spec.has_shared else None
+        out = ExpertWeights(
+            spec=spec, expert_neurons=routed, shared_neurons=shared,
+            gate=[Wg[idx].detach().clone() for idx in routed],
+            up=[Wu[idx].detach().clone() for idx in routed],
+            down=[(spec.top_k * Wd[:, idx]).detach().clone() for idx in routed],
+            router=self.router.weight.detach().clone())
+        if shared is not None:
+            out.shared_gate = Wg[shared].detach().clone()
+            out.shared_up = Wu[shared].detach().clone()
+            out.shared_down = Wd[:, shared].detach().clone()
+        return out
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _check_swiglu(gate_proj, up_proj, down_proj, act_fn, spec: MoESpec) -> None:
+    for name, mod in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
+        if not isinstance(mod, nn.Linear):
+            raise TypeError(f"DOT-MoE needs a SwiGLU MLP (gate_proj, up_proj, down_proj linear layers); "
+                            f"{name} is {type(mod).__name__}")
+        if mod.bias is not None:
+            raise ValueError(f"the MLP's {name} has a bias (mlp_bias=True): DOT-MoE exports bias-free "
+                             "experts, so models with MLP biases are not supported")
+    if not callable(act_fn):
+        raise TypeError("DOT-MoE needs the MLP's activation function (act_fn)")
+    d_ff, d = gate_proj.out_features, gate_proj.in_features
+    if (up_proj.out_features, up_proj.in_features) != (d_ff, d) or \
+            (down_proj.out_features, down_proj.in_features) != (d, d_ff):
+        raise ValueError(
+            f"not a SwiGLU MLP: gate_proj is {d}->{d_ff}, up_proj {up_proj.in_features}->"
+            f"{up_proj.out_features}, down_proj {down_proj.in_features}->{down_proj.out_features}")
+    if spec.d_ff != d_ff:
+        raise ValueError(f"the MoE budget is for d_ff={spec.d_ff} but this MLP has {d_ff} neurons")
+
+
+def _check_assignment(assign: Tensor, spec: MoESpec) -> None:
+    if assign.shape != (spec.d_ff,):
+        raise ValueError(f"init_assignment must have shape [{spec.d_ff}], got {tuple(assign.shape)}")
+    if assign.min() < 0 or assign.max() >= spec.num_columns:
+        raise ValueError(f"init_assignment values must lie in [0, {spec.num_columns})")
+    counts = torch.bincount(assign, minlength=spec.num_columns).tolist()
+    if tuple(counts) != spec.column_capacities:
+        raise ValueError(f"init_assignment fills columns {counts}, expected capacities "
+                         f"{list(spec.column_capacities)}")
+
+
+def _router_stats(logits: Tensor, probs: Tensor, top_i: Tensor) -> RouterStats:
+    E = probs.shape[-1]
+    flat_p = probs.reshape(-1, E)
+    counts = torch.bincount(top_i.reshape(-1), minlength=E).to(probs.dtype)
+    load = counts / counts.sum()
+    return RouterStats(
+        load_balance=E * (load * flat_p.mean(0)).sum(),
+        z_loss=torch.logsumexp(logits, dim=-1).pow(2).mean(),
+        load=load.detach(),
+        entropy=-(flat_p * flat_p.clamp_min(1e-20).log()).sum(-1).mean().detach())
+
+
+def dotmoe_layers(model: nn.Module) -> Iterator[DotMoEFFN]:
+    """Every DotMoEFFN of a model, in module order (= layer order)."""
+    return (m for m in model.modules() if isinstance(m, DotMoEFFN))
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    for layer in dotmoe_layers(model):
+        layer.mode = mode
+
+
+def set_tau(model: nn.Module, tau: float) -> None:
+    for layer in dotmoe_layers(model):
+        layer.tau = float(tau)
