@@ -18,8 +18,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .sinkhorn import (DEFAULT_TOL, one_hot_assignment, round_to_assignment, sinkhorn,
-                       ste_assignment)
+from .sinkhorn import (DEFAULT_REFINE_ROUNDS, DEFAULT_TOL, assign_by_score, one_hot_assignment,
+                       sinkhorn, ste_assignment)
 from .spec import MoESpec
 
 MODES = ("dense", "soft", "ste", "hard")
@@ -69,8 +69,8 @@ class DotMoEFFN(nn.Module):
     def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear,
                  act_fn: Callable[[Tensor], Tensor], spec: MoESpec, *,
                  init_assignment: Tensor | None = None, router_weight: Tensor | None = None,
-                 beta: float = 3.0, tau: float = 1.0, sinkhorn_iters: int = 50,
-                 sinkhorn_tol: float | None = DEFAULT_TOL, refine_rounds: int = 50,
+                 beta: float = 3.0, tau: float = 1.0, sinkhorn_iters: int = 200,
+                 sinkhorn_tol: float | None = DEFAULT_TOL, refine_rounds: int = DEFAULT_REFINE_ROUNDS,
                  assigner: str = "sinkhorn", routing_ste: bool = True, mode: str = "ste"):
         super().__init__()
         _check_swiglu(gate_proj, up_proj, down_proj, act_fn, spec)
@@ -137,10 +137,18 @@ class DotMoEFFN(nn.Module):
 
     @torch.no_grad()
     def hard_assignment(self) -> Tensor:
-        """Column index per neuron `[d_ff]`, capacity-exact (recomputed when scores or tau change)."""
-        key = (self.scores.data_ptr(), self.scores._version, self.tau, self.assigner)
+        """Column index per neuron `[d_ff]`, capacity-exact, maximising sum(H * log P).
+
+        log P = Theta / tau + f + g for the Sinkhorn plan (and Theta / tau - lse for the softmax
+        ablation), and under exact capacities the potentials add the same constant to every
+        candidate, so the optimal rounding of P is the optimal assignment by Theta itself: the
+        same answer at any temperature, without the underflow ties a cold plan has in fp32.
+        Cached until the scores change.
+        """
+        key = (self.scores.data_ptr(), self.scores._version)
         if self._hard_cache is None or self._hard_cache[0] != key:
-            assign = round_to_assignment(self.plan(), self.spec.column_capacities, self.refine_rounds)
+            assign = assign_by_score(self.scores.detach().float(), self.spec.column_capacities,
+                                     self.refine_rounds)
             self._hard_cache = (key, assign)
         return self._hard_cache[1]
 
@@ -151,7 +159,7 @@ class DotMoEFFN(nn.Module):
         plan = self.plan()
         if self.mode == "soft":
             return plan
-        A, assign = ste_assignment(plan, self.spec.column_capacities, refine_rounds=self.refine_rounds)
+        A, assign = ste_assignment(plan, self.spec.column_capacities, assign=self.hard_assignment())
         self.last_assignment = assign
         return A
 
