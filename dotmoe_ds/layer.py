@@ -71,7 +71,8 @@ class DotMoEFFN(nn.Module):
                  init_assignment: Tensor | None = None, router_weight: Tensor | None = None,
                  beta: float = 3.0, tau: float = 1.0, sinkhorn_iters: int = 200,
                  sinkhorn_tol: float | None = DEFAULT_TOL, refine_rounds: int = DEFAULT_REFINE_ROUNDS,
-                 assigner: str = "sinkhorn", routing_ste: bool = True, mode: str = "ste"):
+                 assigner: str = "sinkhorn", routing_ste: bool = True, mode: str = "ste",
+                 plan_fn: Callable[..., Tensor] | None = None):
         super().__init__()
         _check_swiglu(gate_proj, up_proj, down_proj, act_fn, spec)
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
@@ -107,6 +108,9 @@ class DotMoEFFN(nn.Module):
         self.refine_rounds = refine_rounds
         self.routing_ste = routing_ste
         self.mode = mode
+        # The Sinkhorn solver, called like `sinkhorn`: None is `sinkhorn` on this process (every
+        # rank the whole plan); the trainer may set e.g. sharded_sinkhorn.ShardedPlan(group).
+        self.plan_fn = plan_fn
         self.last_router_stats: RouterStats | None = None
         self.last_assignment: Tensor | None = None   # hard assignment of the last forward (monitoring)
         self._hard_cache: tuple[tuple, Tensor] | None = None
@@ -132,8 +136,9 @@ class DotMoEFFN(nn.Module):
         """The soft plan `[d_ff, E']` at the current temperature (rows sum to 1, columns to capacity)."""
         if self.assigner == "softmax":   # ablation: no optimal transport, rows only
             return torch.softmax(self.scores.float() / self.tau, dim=-1)
-        return sinkhorn(self.scores.float(), self.spec.column_capacities, tau=self.tau,
-                        n_iters=self.sinkhorn_iters, tol=self.sinkhorn_tol)
+        solve = sinkhorn if self.plan_fn is None else self.plan_fn
+        return solve(self.scores.float(), self.spec.column_capacities, tau=self.tau,
+                     n_iters=self.sinkhorn_iters, tol=self.sinkhorn_tol)
 
     @torch.no_grad()
     def hard_assignment(self) -> Tensor:
@@ -269,6 +274,13 @@ def dotmoe_layers(model: nn.Module) -> Iterator[DotMoEFFN]:
 def set_mode(model: nn.Module, mode: str) -> None:
     for layer in dotmoe_layers(model):
         layer.mode = mode
+
+
+def set_plan_fn(model: nn.Module, plan_fn: Callable[..., Tensor] | None) -> None:
+    """The Sinkhorn solver of every layer (None: the replicated `sinkhorn`). A sharded solver is
+    collective: set the same kind on every rank."""
+    for layer in dotmoe_layers(model):
+        layer.plan_fn = plan_fn
 
 
 def set_tau(model: nn.Module, tau: float) -> None:

@@ -314,9 +314,13 @@ def _implicit_backward(P: Tensor, G: Tensor, col_reduce: ColReduce | None) -> Te
     W = _reduce(P.transpose(-1, -2) @ tmp, "sum", col_reduce)    # [L, E, E]
     del tmp
     W64 = W.double()
+    # W is symmetric in exact arithmetic but not in fp32, and eigh reads one triangle only: an
+    # asymmetric W leaves a gauge component in lam_g that cancels only to fp32 precision later.
+    W64 = (W64 + W64.transpose(-1, -2)) / 2
     W64.diagonal(dim1=-2, dim2=-1).zero_()
     lap = torch.diag_embed(W64.sum(-1)) - W64
-    lam_g = _solve_psd(lap, rhs.double()).squeeze(-1).to(P.dtype)   # [L, E]
+    lam_g = _solve_psd(lap, rhs.double()).squeeze(-1)
+    lam_g = (lam_g - lam_g.mean(-1, keepdim=True)).to(P.dtype)   # [L, E], gauge fixed to mean 0
     grad = G - lam_g.unsqueeze(-2)
     lam_f = (grad * P).sum(-1, keepdim=True).div_(a)
     return grad.sub_(lam_f).mul_(P)

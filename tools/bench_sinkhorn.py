@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench_sinkhorn.py            # full run (a few minutes on 2 CPU cores)
     .venv/bin/python tools/bench_sinkhorn.py --quick    # small subset (well under a minute)
+    .venv/bin/python tools/bench_sinkhorn.py --distributed   # replicated vs row-sharded over 1, 2, 4 ranks
 
 Sections (issue 2, "Benchmark"):
   1. forward: the same problems (scores ~ N(0, 1), uniform capacities, tau) solved by ours
@@ -17,15 +18,24 @@ Timings are CPU seconds of this process (time.process_time), best of --repeats, 
 --threads threads (default 1: POT's numpy backend is single-threaded too, and CPU time stays
 meaningful on a busy machine); wall-clock speed-ups are printed next to them.
 
-Adding a mode (e.g. --distributed for issue 5): write another function with the signature of
-`solve_ours` (scores [L, n, E], capacities, tau, iters) -> plan, e.g. one that splits the rows
-over ranks and passes `col_reduce`, and add it to `solvers()`; the table picks it up.
+--distributed (issue 5) runs only its own section: one forward + backward of the batched Sinkhorn on
+[L=8, 28672, 64] in each of --dist-worlds gloo process groups (ranks forked from this process),
+replicated (every rank the whole plan, as today) against `sharded_sinkhorn` (rows split over the
+ranks), side by side: per-rank wall and CPU seconds and peak heap above the level before the step.
+
+Adding a single-process mode: write another function with the signature of `solve_ours`
+(scores [L, n, E], capacities, tau, iters) -> plan and add it to `solvers()`; the table picks it up.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import multiprocessing
+import os
+import queue
 import sys
+import tempfile
+import traceback
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dotmoe_ds.sharded_sinkhorn import sharded_sinkhorn  # noqa: E402
 from dotmoe_ds.sinkhorn import (_cancel_cycles, _greedy_fill, marginal_error,  # noqa: E402
                                 round_to_assignment, sinkhorn)
 
@@ -271,6 +282,157 @@ def rounding_section(args) -> None:
               flush=True)
 
 
+# ----------------------------------------------------------------------------- --distributed
+
+DIST_METHODS = ("replicated", "sharded")
+
+
+def _dist_step(method: str, theta: torch.Tensor, caps, args, rank: int, world: int) -> torch.Tensor:
+    if method == "replicated":
+        return sinkhorn(theta, caps, args.tau, n_iters=args.iters, tol=None)
+    return sharded_sinkhorn(theta, caps, args.tau, n_iters=args.iters, tol=None)
+
+
+def _dist_rank(rank: int, world: int, store: str, threads: int, args, results) -> None:
+    """One rank: warm-up, timed and memory-sampled forward + backward of each method."""
+    import torch.distributed as dist
+    try:
+        torch.set_num_threads(threads)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        probe = _heap_probe()
+        dtype = getattr(torch, args.dtype)
+        L, n, E = args.dist_shape
+        scores = torch.randn(L, n, E, generator=torch.Generator().manual_seed(args.seed)).to(dtype)
+        # Each rank's upstream gradient differs (its own micro-batch), as in data-parallel training.
+        weight = torch.randn(L, n, E, generator=torch.Generator().manual_seed(args.seed + 1 + rank)).to(dtype)
+        caps = uniform_capacities(n, E)
+        out = {}
+        for method in DIST_METHODS:
+            src = scores
+
+            def step():
+                theta = src.clone().requires_grad_()
+                plan = _dist_step(method, theta, caps, args, rank, world)
+                (plan * weight).sum().backward()
+                return plan.detach(), theta.grad
+
+            step()                                                     # warm-up
+            walls, cpus = [], []
+            for _ in range(args.repeats):
+                dist.barrier()
+                c0, w0 = time.process_time(), time.perf_counter()
+                plan, grad = step()
+                walls.append(time.perf_counter() - w0)
+                cpus.append(time.process_time() - c0)
+            res = {"wall": min(walls), "cpu": min(cpus)}
+            # Memory: heap above the level before the step (theta, the upstream weight exist already).
+            theta = src.clone().requires_grad_()
+            dist.barrier()
+            retained, _ = saved_bytes(lambda: _dist_step(method, theta.clone(), caps, args, rank, world))
+            del _
+            for _ in range(2 if probe is not None else 0):   # the first pass warms up allocator and dispatcher
+                theta.grad = None
+                base = probe()
+                fwd, plan_t = peak_heap(lambda: _dist_step(method, theta, caps, args, rank, world), probe)
+                loss = (plan_t * weight).sum()
+                before_bwd = probe() - base
+                bwd, _ = peak_heap(loss.backward, probe)
+                res.update(fwd=fwd, bwd=bwd, peak=max(fwd, before_bwd + bwd))
+                del plan_t, loss
+            res["retained"] = retained
+            # The same plan on every rank, and the data-parallel average of the gradients (what
+            # DeepSpeed applies) the same as the replicated computation's.
+            avg = grad.clone()
+            dist.all_reduce(avg)
+            avg /= world
+            out[method] = (res, plan, avg)
+        ref_plan, ref_grad = out["replicated"][1], out["replicated"][2]
+        summary = {}
+        for method, (res, plan, avg) in out.items():
+            res["dP"] = (plan.double() - ref_plan.double()).abs().max().item()
+            res["dgrad"] = ((avg.double() - ref_grad.double()).abs().max() / ref_grad.abs().max()).item()
+            summary[method] = res
+        dist.barrier()
+        dist.destroy_process_group()
+        results.put((rank, None, summary))
+    except BaseException:
+        results.put((rank, traceback.format_exc(), None))
+
+
+def _run_dist_world(world: int, threads: int, args) -> list[dict]:
+    ctx = multiprocessing.get_context("fork")     # torch is imported already: no re-import per rank
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_dist_rank, args=(r, world, os.path.join(tmp, "store"), threads, args, results))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        got, errors = {}, []
+        try:
+            while len(got) + len(errors) < world:
+                try:
+                    rank, err, res = results.get(timeout=1.0)
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                    if dead:
+                        errors.append(f"ranks {dead} died")
+                        break
+                    continue
+                if err is not None:
+                    errors.append(f"rank {rank}:\n{err}")
+                    break
+                got[rank] = res
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    if errors:
+        raise RuntimeError("distributed benchmark failed:\n" + "\n".join(errors))
+    return [got[r] for r in range(world)]
+
+
+def distributed_section(args) -> None:
+    L, n, E = args.dist_shape
+    dtype = getattr(torch, args.dtype)
+    cores = os.cpu_count() or 1
+    plan_mb = L * n * E * torch.finfo(dtype).bits / 8 / 2**20
+    print(f"\n== distributed: one forward + backward of the batched Sinkhorn [{L}, {n}, {E}], {args.dtype}, "
+          f"tau={args.tau}, {args.iters} iterations (tol=None), uniform capacities; gloo on 127.0.0.1, ranks forked "
+          f"from this process; {cores} CPU cores here")
+    print(f"   one full plan [{L}, {n}, {E}] = {plan_mb:.1f} MB. replicated: every rank computes the whole plan "
+          "(today's layer); sharded: `sharded_sinkhorn` on the replicated scores (rows split, plan all-gathered, "
+          "gradient reduce-scattered)")
+    print("   wall / CPU s: one step per rank, best of --repeats (CPU = process time of the rank, its gloo threads "
+          "included); fwd / bwd / step peak MB: heap above the level before the step (glibc mallinfo2, sampled "
+          "after every aten op), per rank, max over ranks; fwd-out: the forward's peak less the returned full plan "
+          "(the Sinkhorn's own working set); retained: saved for backward by the Sinkhorn itself")
+    print("   dP: largest difference to the replicated plan; dgrad rel: largest difference of the rank-averaged "
+          "gradient (DeepSpeed's data-parallel reduction; every rank has its own upstream gradient) to the "
+          "replicated one, relative to the largest gradient entry")
+    header = (f"{'ranks':>5} {'thr':>3} {'method':>10} {'wall s':>7} {'CPU s/rank':>11} {'fwd MB':>8} {'fwd-out':>8} "
+              f"{'bwd MB':>8} {'step MB':>8} {'retained':>9} {'mem/repl':>9} {'dP':>8} {'dgrad rel':>9}")
+    print(header)
+    for world in args.dist_worlds:
+        threads = args.dist_threads or max(1, cores // world)
+        ranks = _run_dist_world(world, threads, args)
+        repl_peak = max(r["replicated"].get("peak", 0) for r in ranks)
+        for method in DIST_METHODS:
+            rs = [r[method] for r in ranks]
+            wall = max(r["wall"] for r in rs)
+            cpu = sum(r["cpu"] for r in rs) / len(rs)
+            mb = lambda key: max(r.get(key, 0) for r in rs) / 2**20   # noqa: E731
+            ratio = mb("peak") * 2**20 / repl_peak if repl_peak else float("nan")
+            print(f"{world:>5} {threads:>3} {method:>10} {wall:>7.2f} {cpu:>11.2f} {mb('fwd'):>8.1f} "
+                  f"{mb('fwd') - plan_mb:>8.1f} {mb('bwd'):>8.1f} "
+                  f"{mb('peak'):>8.1f} {mb('retained'):>9.1f} {ratio:>9.2f} "
+                  f"{max(r['dP'] for r in rs):>8.1e} {max(r['dgrad'] for r in rs):>9.1e}", flush=True)
+        if world * threads > cores:
+            print(f"      ({world} ranks x {threads} thread(s) on {cores} cores: oversubscribed, so wall times of "
+                  "both methods are inflated; CPU s/rank is each rank's own work, its gloo waits included)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small subset of shapes and sections")
@@ -283,6 +445,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mem-iters", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sections", default="forward,memory,rounding")
+    parser.add_argument("--distributed", action="store_true",
+                        help="only the replicated-vs-sharded comparison over --dist-worlds gloo ranks")
+    parser.add_argument("--dist-shape", type=lambda s: tuple(int(x) for x in s.split(",")), default=(8, 28672, 64),
+                        help="L,n,E of the --distributed problem")
+    parser.add_argument("--dist-worlds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
+    parser.add_argument("--dist-threads", type=int, default=0,
+                        help="torch threads per rank in --distributed (0: cores // ranks, at least 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="ot")
@@ -290,7 +459,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, POT {ot.__version__}, numpy {np.__version__}; "
           f"command: {' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}")
     start = time.perf_counter()
-    sections = set(args.sections.split(","))
+    sections = {"distributed"} if args.distributed else set(args.sections.split(","))
+    if "distributed" in sections:
+        distributed_section(args)
     if "forward" in sections:
         forward_section(args, QUICK_SHAPES if args.quick else FULL_SHAPES)
     if "memory" in sections:
