@@ -1,0 +1,195 @@
+"""What a conversion run shows while it trains: TensorBoard scalars and histograms, and a progress bar.
+
+DeepSpeed's own monitor (the "tensorboard" section of the DeepSpeed config, pointed at
+OUTPUT/tensorboard/deepspeed) logs its loss and learning rate; `Monitor` adds ours under
+OUTPUT/tensorboard/dotmoe, on rank 0 only:
+
+  loss/total, loss/ce, loss/kd, loss/load_balance, loss/z         the objective by term
+  train/lr, train/tau, train/tokens_per_s, memory/rss_gb (CPU) or memory/cuda_max_allocated_gb
+  assign/flip_rate (mean) and assign/flip_rate/layer_XX           share of neurons whose hard expert
+                                                                  changed since the previous log
+  assign/marginal_error (max over layers), assign/plan_entropy    Sinkhorn column error; mean row
+                                                                  entropy of the soft plan (nats)
+  router/load_cv (mean) and router/load_cv/layer_XX, router/entropy, router/load/expert_XX
+  histograms: router/load (every layer x expert share), assign/plan_confidence (per neuron, the
+  plan's mass on its hard expert)
+
+`assignment_stats` and `router_stats` are collective (every rank calls them: the scores may be
+ZeRO-3 partitioned, and router loads are averaged over ranks); only rank 0 writes.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from dotmoe_ds import distributed as dist
+from dotmoe_ds.layer import DotMoEFFN
+from dotmoe_ds.sinkhorn import marginal_error
+
+
+def memory_gb() -> dict[str, float]:
+    """Peak accelerator memory, or the process's resident memory on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"memory/cuda_max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30}
+    try:
+        import psutil
+
+        return {"memory/rss_gb": psutil.Process(os.getpid()).memory_info().rss / 2**30}
+    except ImportError:     # psutil comes with deepspeed; keep the monitor optional-dependency free
+        import resource
+
+        return {"memory/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+@torch.no_grad()
+def assignment_stats(layers: Sequence[DotMoEFFN], previous: list[torch.Tensor] | None
+                     ) -> tuple[dict[str, float], list[torch.Tensor], torch.Tensor]:
+    """Per layer: flip rate vs `previous` hard assignments, Sinkhorn marginal error, plan entropy.
+
+    Collective under ZeRO-3 (gathers each layer's scores in turn). Returns (scalars, the current
+    hard assignments for the next call, per-neuron confidence on the hard expert for a histogram).
+    """
+    scalars: dict[str, float] = {}
+    current, flips, errors, entropies, confidences = [], [], [], [], []
+    for i, layer in enumerate(layers):
+        with dist.gathered([layer.scores]):
+            plan = layer.plan()
+            assign = layer.hard_assignment().clone().cpu()
+        current.append(assign)
+        caps = layer.spec.column_capacities
+        errors.append(float(marginal_error(plan, caps)))
+        p = plan.clamp_min(1e-30)
+        entropies.append(float(-(p * p.log()).sum(1).mean()))
+        confidences.append(plan.gather(1, assign.to(plan.device)[:, None]).squeeze(1).float().cpu())
+        if previous is not None and i < len(previous):
+            flip = float((previous[i] != assign).float().mean())
+            flips.append(flip)
+            scalars[f"assign/flip_rate/layer_{i:02d}"] = flip
+    if flips:
+        scalars["assign/flip_rate"] = sum(flips) / len(flips)
+    scalars["assign/marginal_error"] = max(errors) if errors else 0.0
+    scalars["assign/plan_entropy"] = sum(entropies) / max(1, len(entropies))
+    return scalars, current, torch.cat(confidences) if confidences else torch.empty(0)
+
+
+@dataclass
+class RouterAccumulator:
+    """Sums each layer's router load and entropy over the micro-steps between two logs."""
+
+    loads: list[torch.Tensor] = field(default_factory=list)
+    entropy: list[float] = field(default_factory=list)
+    count: int = 0
+
+    def add(self, layers: Sequence[DotMoEFFN]) -> None:
+        stats = [layer.last_router_stats for layer in layers]
+        if any(s is None for s in stats):
+            return
+        loads = [s.load.detach().float().cpu() for s in stats]
+        ent = [float(s.entropy) for s in stats]
+        if not self.loads:
+            self.loads = [torch.zeros_like(x) for x in loads]
+            self.entropy = [0.0] * len(ent)
+        for acc, x in zip(self.loads, loads):
+            acc += x
+        self.entropy = [a + b for a, b in zip(self.entropy, ent)]
+        self.count += 1
+
+    def reset(self) -> None:
+        self.loads, self.entropy, self.count = [], [], 0
+
+
+def router_stats(acc: RouterAccumulator) -> tuple[dict[str, float], torch.Tensor | None]:
+    """Mean router load per layer and expert over the interval and ranks; its coefficient of
+    variation per layer; router entropy. Collective. Returns (scalars, loads [L, E] or None)."""
+    has = torch.tensor([float(acc.count)])
+    counts = dist.all_reduce_sum(has)
+    if counts.item() == 0 or not acc.loads:
+        return {}, None
+    loads = dist.all_reduce_sum(torch.stack(acc.loads)) / counts
+    entropy = dist.all_reduce_sum(torch.tensor(acc.entropy)) / counts
+    cv = loads.std(dim=1, unbiased=False) / loads.mean(dim=1).clamp_min(1e-12)
+    scalars = {f"router/load_cv/layer_{i:02d}": float(c) for i, c in enumerate(cv)}
+    scalars["router/load_cv"] = float(cv.mean())
+    scalars["router/entropy"] = float(entropy.mean())
+    for e, v in enumerate(loads.mean(0)):
+        scalars[f"router/load/expert_{e:02d}"] = float(v)
+    return scalars, loads
+
+
+class Monitor:
+    """TensorBoard writer and tqdm bar of rank 0 (a silent stand-in on other ranks)."""
+
+    def __init__(self, log_dir: str | Path, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 progress: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="converting", unit="step",
+                            dynamic_ncols=True)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if v is not None and math.isfinite(v):
+                self.writer.add_scalar(k, v, step)
+
+    def histogram(self, step: int, name: str, values: torch.Tensor | None) -> None:
+        if self.writer is None or values is None or values.numel() == 0:
+            return
+        self.writer.add_histogram(name, values.detach().float().reshape(-1), step)
+
+    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = step
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self.bar.refresh()
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None
+
+
+class Throughput:
+    """Tokens per second (over every rank) since the last `rate()` call."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        r = self.tokens / max(now - self.start, 1e-9)
+        self.tokens, self.start = 0, now
+        return r

@@ -1,0 +1,764 @@
+"""The DOT-MoE conversion trainer: dense HF checkpoint in, MoE checkpoint + perplexity table out.
+
+    deepspeed [--num_gpus N] dotmoe_ds/train.py --deepspeed ds_configs/z3.json --model PATH --data PATH
+    python dotmoe_ds/train.py                       # one process: the embedded SmolLM2 demo
+    dotmoe train ...                                # the same, through the console script
+
+Steps (every rank runs all of them; rank 0 alone writes files):
+ 1. preflight: flags, output folder, model config and family, budget, data, DeepSpeed config are
+    all checked before anything expensive; a problem ends the run with one clear paragraph.
+ 2. load the dense model (under ZeRO-3 sharded at creation: HfDeepSpeedConfig before
+    from_pretrained), swap every MLP for a DotMoEFFN (ZeRO-3 leaf modules), choose what trains,
+    deepspeed.initialize.
+ 3. fresh run: a dense forward over calibration tokens; each layer's owner rank (layer mod world)
+    computes its partition and router init from the gathered weights and broadcasts them.
+    Resumed run: the latest complete checkpoint instead.
+ 4. train: CE (+ distillation to the same network in dense mode) + load balance + z-loss, tau
+    annealed; TensorBoard, checkpoints every N steps and on SIGTERM/SIGUSR1 (then exit 75).
+ 5. hard assignment, streaming export to OUTPUT/model, held-out perplexity of the dense and the
+    converted model, a table on stdout and OUTPUT/results.json.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script: import the package by absolute name, and keep this folder off sys.path so
+    # that its modules (config, data, evaluate, ...) cannot shadow libraries of the same name.
+    _root = str(Path(__file__).resolve().parents[1])
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    sys.path.insert(0, _root)
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dotmoe_ds import distributed as dist
+from dotmoe_ds.checkpoint import (EXIT_REQUEUE, CheckpointError, CheckpointInfo, StopSignal, checkpoint_dir,
+                                  latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                                  world_size_message)
+from dotmoe_ds.config import (DEMO, ConfigError, RunConfig, load_ds_config, parse_args, precision_dtype,
+                              resolve_ds_config, zero_stage)
+from dotmoe_ds.data import DataConfig, DataError, PackedData, check_config, prepare_data, train_batches
+from dotmoe_ds.demo import DemoModelError, demo_data_files, is_demo_alias, resolve_model
+from dotmoe_ds.evaluate import perplexity, token_nll
+from dotmoe_ds.export import ExportError, export_moe
+from dotmoe_ds.families import FamilyAdapter, FamilyError, adapter_for
+from dotmoe_ds.layer import DotMoEFFN, set_mode, set_tau
+from dotmoe_ds.monitor import Monitor, RouterAccumulator, Throughput, assignment_stats, memory_gb, router_stats
+from dotmoe_ds import partition as partition_lib
+from dotmoe_ds.spec import MoESpec, SpecError
+
+
+class PreflightError(ValueError):
+    """Bad input found before any expensive work; the message names the problem and the fix."""
+
+
+USER_ERRORS = (ConfigError, PreflightError, SpecError, FamilyError, DataError, DemoModelError, ExportError,
+               CheckpointError)
+EXIT_USAGE = 2
+# Config keys a resumed run must share with the run it continues (they shape the model, the data
+# order or the optimisation); anything else (e.g. --log_every) may change on resume.
+RESUME_KEYS = ("model", "data", "eval_data", "eval_fraction", "seq_len", "batch_size", "grad_accum",
+               "text_column", "text_unit", "num_experts", "top_k", "shared_neurons", "method", "partition",
+               "beta", "router_init", "router_logit_std", "calib_tokens", "assigner", "routing_ste",
+               "kd_weight", "kd_temperature", "lb_weight", "z_weight", "tau_start", "tau_end", "tau_schedule",
+               "trainable", "scores_lr_scale", "router_lr_scale", "weights_lr_scale", "steps", "seed")
+
+
+# ====================================================================== preflight
+
+@dataclass
+class Plan:
+    """Everything preflight resolved; nothing here cost more than reading small files."""
+
+    cfg: RunConfig
+    output: Path
+    model_path: str
+    hf_config: Any
+    adapter: FamilyAdapter
+    spec: MoESpec
+    tokenizer: Any
+    data_cfg: DataConfig
+    ds_raw: dict
+    action: str                         # fresh | overwrite | restart (no checkpoint yet) | resume
+    resume_from: CheckpointInfo | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _split_list(spec: str) -> list[str]:
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.sep in name and Path(name).expanduser().exists()
+
+
+def _load_model_config(model: str):
+    from transformers import AutoConfig
+
+    path = Path(model).expanduser()
+    if _looks_like_local_path(model) and not path.exists():
+        raise PreflightError(f"--model {model}: no such folder; pass a local Hugging Face model folder, a hub id, "
+                             "or 'demo'")
+    if path.exists() and not path.is_dir():
+        raise PreflightError(f"--model {model} is a file; pass the model's folder (the one with config.json)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise PreflightError(f"--model {model} has no config.json, so it is not a Hugging Face model folder; "
+                             "point --model at the folder that holds config.json and the weights")
+    try:
+        return AutoConfig.from_pretrained(str(path) if path.is_dir() else model)
+    except Exception as err:   # unknown hub id, offline, unknown model_type: the same advice applies
+        raise PreflightError(f"--model {model}: could not read its config ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}). Pass a local Hugging Face "
+                             "model folder (or a hub id that is reachable/cached)") from None
+
+
+def _check_causal_lm(config, model: str) -> None:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        arch = ", ".join(getattr(config, "architectures", None) or []) or "no architecture recorded"
+        raise PreflightError(f"--model {model} is not a causal language model (model_type "
+                             f"{config.model_type!r}, {arch}): DOT-MoE converts decoder-only LMs that "
+                             "AutoModelForCausalLM can load, e.g. Llama, Mistral, Qwen2/3, OLMo 2")
+
+
+def _data_config(cfg: RunConfig) -> DataConfig:
+    d = cfg.data
+    cache = d.cache_dir or None
+    if d.data.strip().lower() == DEMO:
+        files = demo_data_files()
+        data = [str(p) for p in files.calibration]
+        eval_data = ([str(p) for p in files.heldout] if not d.eval_data else _split_list(d.eval_data))
+        return DataConfig(data=data, eval_data=eval_data, eval_fraction=0.0, seq_len=d.seq_len,
+                          text_column=d.text_column, text_unit=d.text_unit, split_seed=cfg.train.seed,
+                          cache_dir=cache)
+    data = _split_list(d.data)
+    if not data:
+        raise PreflightError("--data is empty; pass text files, a folder, a glob or a datasets hub name")
+    if d.eval_data:
+        return DataConfig(data=data, eval_data=_split_list(d.eval_data), eval_fraction=0.0, seq_len=d.seq_len,
+                          text_column=d.text_column, text_unit=d.text_unit, split_seed=cfg.train.seed,
+                          cache_dir=cache)
+    if d.eval_fraction <= 0:
+        raise PreflightError("no held-out text: pass --eval_data, or --eval_fraction > 0 to hold out a share "
+                             "of --data's documents (the converted model is evaluated on text it never saw)")
+    return DataConfig(data=data, eval_data=None, eval_fraction=d.eval_fraction, seq_len=d.seq_len,
+                      text_column=d.text_column, text_unit=d.text_unit, split_seed=cfg.train.seed,
+                      cache_dir=cache)
+
+
+def _output_action(cfg: RunConfig, world_size: int) -> tuple[str, CheckpointInfo | None]:
+    out = Path(cfg.checkpoint.output).expanduser()
+    c = cfg.checkpoint
+    if out.exists() and not out.is_dir():
+        raise PreflightError(f"--output {out} is a file; choose a folder")
+    nonempty = out.is_dir() and any(out.iterdir())
+    ours = (out / "config.json").is_file()
+    latest = latest_checkpoint(checkpoint_dir(out)) if out.is_dir() else None
+    if c.overwrite:
+        if nonempty and not ours:
+            raise PreflightError(f"--output {out} is not empty and holds no config.json of an earlier dotmoe run; "
+                                 "--overwrite only replaces dotmoe run folders. Choose another --output")
+        return "overwrite", None
+    if c.resume:
+        if latest is None:
+            raise PreflightError(f"--resume: {checkpoint_dir(out)} holds no complete checkpoint to resume from; "
+                                 "drop --resume to start a new run, or check --output")
+        action = "resume"
+    elif nonempty:
+        finished = (out / "results.json").is_file()
+        if latest is not None and not finished:
+            action = "resume"      # automatic: e.g. a requeued SLURM job rerunning the same command
+        elif ours and not finished:
+            # A run of the same settings stopped before its first checkpoint: nothing to keep.
+            _check_resume_config(cfg, out / "config.json")
+            return "restart", None
+        else:
+            what = "a finished run" if finished else "no dotmoe run"
+            raise PreflightError(f"--output {out} already exists and holds {what}; pass --overwrite to replace it, "
+                                 "--resume to continue it, or choose another --output")
+    else:
+        return "fresh", None
+    if latest.world_size != world_size:
+        raise PreflightError(world_size_message(latest, world_size))
+    if ours:
+        _check_resume_config(cfg, out / "config.json")
+    return action, latest
+
+
+def _check_resume_config(cfg: RunConfig, saved_path: Path) -> None:
+    try:
+        saved = RunConfig.load(saved_path).flat()
+    except (ConfigError, ValueError, KeyError) as err:
+        raise PreflightError(f"{saved_path} cannot be read ({err}); pass --overwrite to start afresh") from None
+    now = cfg.flat()
+    changed = [f"--{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    if changed:
+        raise PreflightError(f"--output {saved_path.parent} holds a run with other settings ({'; '.join(changed)}); "
+                             "continue it with the original flags, pass --overwrite to start afresh, or choose "
+                             "another --output")
+
+
+def preflight(cfg: RunConfig) -> Plan:
+    """Every check that needs no weights, no tokenising and no process group."""
+    from transformers import AutoTokenizer
+
+    world = dist.env_info().world_size
+    action, resume_from = _output_action(cfg, world)
+    model_path = resolve_model(cfg.model.model) if is_demo_alias(cfg.model.model) else cfg.model.model
+    hf_config = _load_model_config(model_path)
+    _check_causal_lm(hf_config, cfg.model.model)
+    adapter = adapter_for(hf_config)
+    m = cfg.moe
+    d_ff = int(hf_config.intermediate_size)
+    spec = MoESpec.uniform(d_ff, m.num_experts, m.top_k, m.shared_neurons)
+    adapter.validate(hf_config, spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except Exception as err:
+        raise PreflightError(f"--model {cfg.model.model}: its tokenizer cannot be loaded ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); the model folder needs its "
+                             "tokenizer files") from None
+    data_cfg = _data_config(cfg)
+    max_pos = getattr(hf_config, "max_position_embeddings", None)
+    check_config(data_cfg, tokenizer, max_pos)
+    ds_raw = load_ds_config(cfg.train.deepspeed)
+    resolve_ds_config(ds_raw, cfg, world, Path(cfg.checkpoint.output) / "tensorboard", bf16_available=False)
+    return Plan(cfg=cfg, output=Path(cfg.checkpoint.output).expanduser(), model_path=model_path,
+                hf_config=hf_config, adapter=adapter, spec=spec, tokenizer=tokenizer, data_cfg=data_cfg,
+                ds_raw=ds_raw, action=action, resume_from=resume_from)
+
+
+# ====================================================================== objective
+
+class _AttachAux(torch.autograd.Function):
+    """Identity on a layer's output whose backward also starts the layer's auxiliary loss.
+
+    Under ZeRO-3 a DotMoEFFN's parameters are re-gathered when the gradient reaches the layer's
+    output; an auxiliary loss summed into the total loss would reach the router before that (its
+    graph nodes are the newest) and find the weights released. Entering through the output keeps
+    the router's backward inside the gathered window. `aux` is already weighted and scaled.
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_shape, ctx.aux_dtype, ctx.aux_device = aux.shape, aux.dtype, aux.device
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=ctx.aux_device)
+
+
+class AuxLosses:
+    """Forward hooks adding each layer's load-balance and z-loss to the backward pass, and summing
+    their values for logging (mean over layers)."""
+
+    def __init__(self, layers: list[DotMoEFFN], lb_weight: float, z_weight: float, grad_accum: int):
+        self.layers, self.lb_weight, self.z_weight = layers, lb_weight, z_weight
+        # Mean over layers; DeepSpeed divides the main loss by the accumulation steps, so do we.
+        self.scale = 1.0 / (len(layers) * grad_accum)
+        self.lb_sum = 0.0
+        self.z_sum = 0.0
+        self.count = 0
+        self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
+
+    def _hook(self, module: DotMoEFFN, args, output):
+        stats = module.last_router_stats
+        if not module.training or module.mode == "dense" or stats is None or not torch.is_grad_enabled():
+            return output
+        module.last_router_stats = stats.__class__(   # keep only detached values for the monitor
+            load_balance=stats.load_balance.detach(), z_loss=stats.z_loss.detach(), load=stats.load,
+            entropy=stats.entropy)
+        self.lb_sum += float(stats.load_balance.detach())
+        self.z_sum += float(stats.z_loss.detach())
+        self.count += 1
+        aux = stats.load_balance * self.lb_weight + stats.z_loss * self.z_weight
+        if not aux.requires_grad or (self.lb_weight == 0 and self.z_weight == 0):
+            return output
+        return _AttachAux.apply(output, aux * self.scale)
+
+    def take(self) -> tuple[float, float]:
+        """Mean load-balance and z-loss over the layer forwards since the last call."""
+        n = max(self.count, 1)
+        out = (self.lb_sum / n, self.z_sum / n)
+        self.lb_sum = self.z_sum = 0.0
+        self.count = 0
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over tokens of T^2 KL(teacher || student) at temperature T (Hinton et al.)."""
+    t = temperature
+    s = F.log_softmax(student_logits.float() / t, dim=-1)
+    p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return (t * t) * (p.exp() * (p - s)).sum(-1).mean()
+
+
+def tau_at(step: int, steps: int, start: float, end: float, schedule: str) -> float:
+    """Temperature of optimizer step `step` (0-based): cosine/linear from `start` to `end`."""
+    if schedule == "constant" or steps <= 1:
+        return start if schedule == "constant" or steps < 1 else end
+    frac = min(max(step / (steps - 1), 0.0), 1.0)
+    if schedule == "linear":
+        return start + (end - start) * frac
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+# ====================================================================== model setup
+
+def train_mode_of(method: str) -> str:
+    return "ste" if method == "dot" else "hard"
+
+
+def build_model(plan: Plan, ds: dict):
+    """The dense model (sharded at creation under ZeRO-3) with DotMoEFFN layers swapped in."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, spec = plan.cfg, plan.spec
+    dtype = precision_dtype(ds)
+    hf_ds = None
+    if zero_stage(ds) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds)   # must stay alive: transformers keeps only a weak reference
+    model = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=dtype)
+    model.config.use_cache = False
+    tau0 = cfg.objective.tau_start
+
+    def make_ffn(i, gate, up, down, act):
+        return DotMoEFFN(gate, up, down, act, spec, beta=cfg.moe.beta, tau=tau0,
+                         sinkhorn_iters=cfg.moe.sinkhorn_iters, assigner=cfg.moe.assigner,
+                         routing_ste=cfg.moe.routing_ste, mode="dense")
+
+    layers = plan.adapter.swap_in(model, make_ffn)
+    if dtype != torch.float32:
+        # DeepSpeed's mixed-precision optimizers flatten every trainable parameter into one buffer
+        # of the model dtype (ZeRO-3 asserts a single dtype), so Theta is stored in that dtype too;
+        # the optimizer still keeps an fp32 master copy and the layer runs Sinkhorn in fp32.
+        for layer in layers:
+            layer.scores.data = layer.scores.data.to(dtype)
+    if zero_stage(ds) == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        # One gather per layer forward; data-dependent masks inside cannot desynchronise ranks.
+        set_z3_leaf_modules(model, [DotMoEFFN])
+    return model, layers, hf_ds
+
+
+def select_trainable(model, layers: list[DotMoEFFN], cfg: RunConfig, base_lr: float) -> list[dict]:
+    """requires_grad per METHOD.md section 5 / 7, and the optimizer's parameter groups."""
+    o, method = cfg.objective, cfg.moe.method
+    for p in model.parameters():
+        p.requires_grad_(o.trainable == "all")
+    scores, routers, weights = [], [], []
+    for layer in layers:
+        layer.scores.requires_grad_(method == "dot")
+        layer.router.weight.requires_grad_(True)
+        if method == "dot":
+            scores.append(layer.scores)
+        routers.append(layer.router.weight)
+        if o.trainable == "ffn":
+            for lin in (layer.gate_proj, layer.up_proj, layer.down_proj):
+                lin.weight.requires_grad_(True)
+    special = {id(p) for p in scores + routers} | {id(layer.scores) for layer in layers}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
+    groups = [{"params": scores, "lr": base_lr * o.scores_lr_scale, "weight_decay": 0.0},
+              {"params": routers, "lr": base_lr * o.router_lr_scale, "weight_decay": 0.0},
+              {"params": weights, "lr": base_lr * o.weights_lr_scale}]
+    # The input embeddings' output must require grad even when the embeddings are frozen: ZeRO-3
+    # reduces a leaf module's gradients when the gradient reaches its inputs, and would otherwise do
+    # so for the first layer before its scores' gradient exists.
+    model.enable_input_require_grads()
+    return [g for g in groups if g["params"]]
+
+
+# ====================================================================== initialisation
+
+@torch.no_grad()
+def capture_mlp_inputs(engine, layers: list[DotMoEFFN], calib: torch.Tensor, max_tokens: int) -> dict[int, torch.Tensor]:
+    """MLP inputs `[T, d]` (fp32, CPU) of the layers this rank owns, from one dense forward of `calib`
+    (the same blocks on every rank). Collective."""
+    captured: dict[int, list[torch.Tensor]] = {}
+    me = dist.rank()
+    handles = []
+    for i, layer in enumerate(layers):
+        if dist.owner_of(i) == me:
+            def hook(module, args, i=i):
+                captured.setdefault(i, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
+            handles.append(layer.register_forward_pre_hook(hook))
+    set_mode(engine.module, "dense")
+    was_training = engine.module.training
+    engine.module.eval()
+    try:
+        engine.module(input_ids=calib.to(engine.device))
+    finally:
+        engine.module.train(was_training)
+        for h in handles:
+            h.remove()
+    return {i: torch.cat(xs)[:max_tokens] for i, xs in captured.items()}
+
+
+def init_layer(layer: DotMoEFFN, i: int, cfg: RunConfig, weights: tuple, x: torch.Tensor) -> tuple:
+    """(partition, router weight) of layer `i` from its dense weights and calibration inputs."""
+    g, u, d = weights
+    spec, m = layer.spec, cfg.moe
+    seed = cfg.train.seed * 1_000_003 + i
+    h = None
+    if cfg.partition == "coactivation" or m.router_init == "lstsq":
+        h = layer.act_fn(x @ g.T) * (x @ u.T)
+    if cfg.partition == "random":
+        part = partition_lib.random_partition(spec, seed)
+    elif cfg.partition == "kmeans":
+        part = partition_lib.kmeans_partition(g, u, spec, seed, down_weight=d)
+    else:
+        part = partition_lib.coactivation_partition(h, spec, seed, down_weight=d)
+    if m.router_init == "zero":
+        router = torch.zeros(spec.num_experts, g.shape[1])
+    elif m.router_init == "gate_mean":
+        router = partition_lib.router_init(g, part, spec, hidden_states=x, logit_std=m.router_logit_std)
+    else:
+        norms = partition_lib.expert_output_norms(h, d, part, spec)
+        router = partition_lib.fit_router_lstsq(x, norms, logit_std=m.router_logit_std)
+    return part, router
+
+
+def initialise_assignment(engine, layers: list[DotMoEFFN], cfg: RunConfig, calib: torch.Tensor) -> dict:
+    """Partition and router of every layer, each computed by its owner rank and broadcast."""
+    start = time.perf_counter()
+    inputs = capture_mlp_inputs(engine, layers, calib, cfg.moe.calib_tokens)
+    me = dist.rank()
+    owned: dict[int, tuple] = {}
+    for i, layer in enumerate(layers):
+        ws = [layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight]
+        with dist.gathered(ws):
+            if dist.owner_of(i) == me:
+                # partition.py computes on CPU (its k-means is cheap next to training)
+                owned[i] = tuple(w.detach().float().cpu().clone() for w in ws)
+    results = {i: init_layer(layers[i], i, cfg, owned.pop(i), inputs[i]) for i in sorted(owned)}
+    for i, layer in enumerate(layers):
+        with dist.gathered([layer.scores, layer.router.weight], modifier_rank=dist.owner_of(i)):
+            if dist.owner_of(i) == me:
+                part, router = results[i]
+                layer.scores.data.copy_(partition_lib.initial_scores(part, layer.spec, cfg.moe.beta))
+                layer.router.weight.data.copy_(router.to(layer.router.weight.dtype))
+    # The optimizer keeps its own fp32 copy of the trainable weights; it must see the new values.
+    if hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()
+    return {"init_seconds": time.perf_counter() - start, "calibration_tokens": int(calib.numel())}
+
+
+def frozen_assignment_state(layers: list[DotMoEFFN]) -> dict[int, torch.Tensor]:
+    """Scores that the optimizer does not hold (random/cluster keep them frozen), for checkpoints."""
+    out = {}
+    for i, layer in enumerate(layers):
+        if not layer.scores.requires_grad:
+            with dist.gathered([layer.scores]):
+                out[i] = layer.scores.detach().cpu().clone()
+    return out
+
+
+def restore_frozen_assignment(layers: list[DotMoEFFN], frozen: dict[int, torch.Tensor]) -> None:
+    for i, layer in enumerate(layers):
+        if i in frozen:
+            with dist.gathered([layer.scores], modifier_rank=0):
+                if dist.is_main():
+                    layer.scores.data.copy_(frozen[i].to(layer.scores.device))
+
+
+# ====================================================================== training loop
+
+@dataclass
+class LoopState:
+    step: int = 0
+    previous_assignment: list | None = None
+    last_loss: float = float("nan")
+    losses: list = field(default_factory=list)     # (step, total) per step, for the results
+
+
+def _log_assignment(monitor: Monitor, layers, state: LoopState, step: int, router_acc: RouterAccumulator) -> None:
+    scalars, current, confidence = assignment_stats(layers, state.previous_assignment)
+    state.previous_assignment = current
+    rscalars, loads = router_stats(router_acc)
+    router_acc.reset()
+    monitor.scalars(step, {**scalars, **rscalars})
+    monitor.histogram(step, "router/load", loads)
+    monitor.histogram(step, "assign/plan_confidence", confidence)
+
+
+def train_loop(engine, layers: list[DotMoEFFN], plan: Plan, packed: PackedData, state: LoopState,
+               monitor: Monitor, stop: StopSignal, aux: AuxLosses) -> bool:
+    """Train from `state.step` to the configured steps. Returns False if stopped by a signal."""
+    cfg = plan.cfg
+    o, d, t = cfg.objective, cfg.data, cfg.train
+    gas = d.grad_accum
+    train_mode = train_mode_of(cfg.moe.method)
+    batches = train_batches(packed.train, seed=t.seed, rank=dist.rank(), world_size=dist.world_size(),
+                            micro_batch_size=d.batch_size, start_step=state.step * gas)
+    router_acc = RouterAccumulator()
+    speed = Throughput()
+    tokens_per_micro = d.batch_size * d.seq_len * dist.world_size()
+    engine.train()
+    set_mode(engine.module, train_mode)
+    if state.previous_assignment is None:
+        state.previous_assignment = assignment_stats(layers, None)[1]
+    ckpt_dir = checkpoint_dir(plan.output)
+    while state.step < t.steps:
+        tau = tau_at(state.step, t.steps, o.tau_start, o.tau_end, o.tau_schedule)
+        set_tau(engine.module, tau)
+        sums = torch.zeros(3, dtype=torch.float64)     # ce, kd, total (without aux)
+        for _ in range(gas):
+            ids = next(batches).to(engine.device)
+            teacher = None
+            if o.kd_weight > 0:
+                set_mode(engine.module, "dense")
+                with torch.no_grad():
+                    teacher = engine.module(input_ids=ids).logits.detach()
+                set_mode(engine.module, train_mode)
+            logits = engine(input_ids=ids).logits
+            ce = token_nll(logits, ids).mean()
+            loss = ce
+            kd = torch.zeros((), device=ce.device)
+            if teacher is not None:
+                kd = kd_loss(logits[:, :-1], teacher[:, :-1], o.kd_temperature)
+                loss = loss + o.kd_weight * kd
+                del teacher
+            engine.backward(loss)
+            engine.step()
+            router_acc.add(layers)
+            sums += torch.tensor([ce.item(), kd.item(), loss.item()], dtype=torch.float64)
+            speed.add(tokens_per_micro)
+        state.step += 1
+        lb, z = aux.take()
+        ce_m, kd_m, main = (dist.all_reduce_sum(sums) / (gas * dist.world_size())).tolist()
+        total = main + o.lb_weight * lb + o.z_weight * z
+        state.last_loss = total
+        state.losses.append((state.step, total))
+        rate = speed.rate()
+        monitor.scalars(state.step, {"loss/total": total, "loss/ce": ce_m, "loss/kd": kd_m,
+                                     "loss/load_balance": lb, "loss/z": z, "train/tau": tau,
+                                     "train/lr": engine.get_lr()[0], "train/tokens_per_s": rate,
+                                     **memory_gb()})
+        monitor.progress(state.step, total, rate)
+        if state.step % t.log_every == 0 or state.step == t.steps:
+            _log_assignment(monitor, layers, state, state.step, router_acc)
+        stopping = dist.any_rank(stop.requested)
+        every = cfg.checkpoint.checkpoint_every
+        if stopping or (every and state.step % every == 0) or state.step == t.steps:
+            save_run_checkpoint(engine, layers, ckpt_dir, state, cfg)
+            monitor.flush()
+        if stopping:
+            return False
+    return True
+
+
+def save_run_checkpoint(engine, layers, ckpt_dir: Path, state: LoopState, cfg: RunConfig) -> CheckpointInfo:
+    client = {"dotmoe": {"step": state.step, "micro_step": state.step * cfg.data.grad_accum,
+                         "previous_assignment": state.previous_assignment,
+                         "losses": state.losses,
+                         "frozen_scores": frozen_assignment_state(layers)}}
+    return save_checkpoint(engine, ckpt_dir, state.step, client, {"rng": rng_state()},
+                           keep=cfg.checkpoint.keep_checkpoints)
+
+
+def resume(engine, layers, info: CheckpointInfo) -> LoopState:
+    client, rank_state = load_checkpoint(engine, info)
+    ours = client.get("dotmoe")
+    if ours is None:
+        raise CheckpointError(f"{info.path} was not written by the dotmoe trainer (no 'dotmoe' client state)")
+    restore_frozen_assignment(layers, ours.get("frozen_scores", {}))
+    set_rng_state(rank_state["rng"])
+    return LoopState(step=int(ours["step"]), previous_assignment=ours.get("previous_assignment"),
+                     losses=list(ours.get("losses", [])),
+                     last_loss=ours["losses"][-1][1] if ours.get("losses") else float("nan"))
+
+
+# ====================================================================== finish
+
+def results_table(res: dict) -> str:
+    dense, conv = res["dense"], res["converted"]
+    spec = res["budget"]
+    rows = [("model", "held-out ppl", "mean NLL", "active FFN"),
+            ("dense", f"{dense['perplexity']:.2f}", f"{dense['mean_nll']:.4f}", "100%"),
+            (f"{res['method']} MoE (E={spec['num_experts']}, k={spec['top_k']})", f"{conv['perplexity']:.2f}",
+             f"{conv['mean_nll']:.4f}", f"{spec['active_fraction']:.0%}")]
+    width = [max(len(r[c]) for r in rows) for c in range(4)]
+    lines = ["  ".join(cell.ljust(width[c]) if c == 0 else cell.rjust(width[c]) for c, cell in enumerate(r))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"perplexity retention (dense / converted): {res['retention']:.1%}   "
+                 f"({dense['tokens']} held-out tokens)")
+    return "\n".join(lines)
+
+
+def finish(engine, layers, plan: Plan, packed: PackedData, state: LoopState, monitor: Monitor,
+           wall_start: float) -> dict:
+    cfg = plan.cfg
+    module = engine.module
+    set_tau(module, cfg.objective.tau_end)
+    set_mode(module, "hard")
+    engine.eval()
+    export_info = None
+    if cfg.eval.export:
+        source = plan.model_path if Path(plan.model_path).is_dir() else None
+        result = export_moe(module, plan.adapter, plan.spec, plan.output / "model", source_dir=source,
+                            method=cfg.moe.method, overwrite=True, gather=lambda ps: dist.gathered(ps),
+                            is_writer=dist.is_main(),
+                            extra_meta={"steps": cfg.train.steps, "seed": cfg.train.seed,
+                                        "tau_end": cfg.objective.tau_end})
+        export_info = {"dir": str(result.output_dir), "params": result.params.to_dict()}
+    ev = cfg.eval
+    if packed.eval is None:
+        raise DataError("no held-out split was built; pass --eval_data or --eval_fraction")
+    set_mode(module, "dense")
+    dense = perplexity(module, packed.eval, batch_size=ev.eval_batch_size, max_blocks=ev.eval_blocks,
+                       device=engine.device)
+    set_mode(module, "hard")
+    converted = perplexity(module, packed.eval, batch_size=ev.eval_batch_size, max_blocks=ev.eval_blocks,
+                           device=engine.device)
+    res = {"method": cfg.moe.method, "model": cfg.model.model, "steps": cfg.train.steps,
+           "world_size": dist.world_size(), "budget": plan.spec.to_dict(),
+           "dense": dense.to_dict(), "converted": converted.to_dict(),
+           "retention": dense.ppl / converted.ppl, "final_train_loss": state.last_loss,
+           "export": export_info, "wall_seconds": time.perf_counter() - wall_start}
+    monitor.scalars(cfg.train.steps, {"eval/ppl_dense": dense.ppl, "eval/ppl_converted": converted.ppl,
+                                      "eval/retention": res["retention"]})
+    if dist.is_main():
+        table = results_table(res)
+        res["table"] = table
+        (plan.output / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+        monitor.text("results", "<pre>" + table + "</pre>", cfg.train.steps)
+    return res
+
+
+# ====================================================================== the run
+
+def _prepare_output(plan: Plan) -> None:
+    """Rank 0: create or clear the output folder and record the resolved config."""
+    import shutil
+
+    out = plan.output
+    if plan.action in ("overwrite", "restart") and out.is_dir():
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    plan.cfg.save(out / "config.json")
+
+
+def _say(msg: str) -> None:
+    if dist.is_main():
+        print(f"[dotmoe] {msg}", flush=True)
+
+
+def run(cfg: RunConfig) -> int:
+    wall_start = time.perf_counter()
+    dist.set_threads(cfg.train.threads)
+    plan = preflight(cfg)
+    info = dist.init_distributed()
+    try:
+        return _run(plan, info, wall_start)
+    finally:
+        dist.shutdown()
+
+
+def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
+    import logging
+
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+    cfg = plan.cfg
+    torch.manual_seed(cfg.train.seed)
+    if info.is_main:
+        _prepare_output(plan)
+    dist.barrier()
+    bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    ds = resolve_ds_config(plan.ds_raw, cfg, info.world_size, plan.output / "tensorboard", bf16_ok)
+    if info.is_main:
+        (plan.output / "ds_config.json").write_text(json.dumps(ds, indent=1) + "\n")
+    _say(f"{plan.action} run: {cfg.model.model} ({plan.hf_config.model_type}, {plan.adapter.describe()}), "
+         f"{info.world_size} rank(s), ZeRO stage {zero_stage(ds)}, {precision_dtype(ds)}; budget "
+         f"E={plan.spec.num_experts} k={plan.spec.top_k} shared={plan.spec.shared} "
+         f"({plan.spec.active_fraction:.0%} of the FFN active); output {plan.output}")
+
+    with dist.main_first():
+        packed = prepare_data(plan.data_cfg, plan.tokenizer, getattr(plan.hf_config, "max_position_embeddings", None))
+    _say(f"data: {len(packed.train)} training blocks, {0 if packed.eval is None else len(packed.eval)} held-out "
+         f"blocks of {cfg.data.seq_len} tokens")
+
+    model, layers, hf_ds = build_model(plan, ds)
+    groups = select_trainable(model, layers, cfg, float(ds["optimizer"]["params"]["lr"]))
+    aux = AuxLosses(layers, cfg.objective.lb_weight, cfg.objective.z_weight, cfg.data.grad_accum)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+
+    if plan.resume_from is not None:
+        state = resume(engine, layers, plan.resume_from)
+        _say(f"resumed from {plan.resume_from.path} at step {state.step}")
+    else:
+        n_calib = max(1, -(-cfg.moe.calib_tokens // cfg.data.seq_len))
+        calib = torch.from_numpy(packed.train[:n_calib].astype("int64"))
+        init = initialise_assignment(engine, layers, cfg, calib)
+        state = LoopState()
+        _say(f"initial partition '{cfg.partition}' and router '{cfg.moe.router_init}' in "
+             f"{init['init_seconds']:.1f} s")
+
+    monitor = Monitor(plan.output / "tensorboard" / "dotmoe", cfg.train.steps, state.step, enabled=info.is_main)
+    try:
+        with StopSignal() as stop:
+            finished = train_loop(engine, layers, plan, packed, state, monitor, stop, aux)
+        if not finished:
+            _say(f"stopped by signal {stop.received} at step {state.step}; checkpoint saved, exiting with "
+                 f"{EXIT_REQUEUE} (requeue and rerun the same command to resume)")
+            return EXIT_REQUEUE
+        aux.remove()
+        res = finish(engine, layers, plan, packed, state, monitor, wall_start)
+    finally:
+        monitor.close()
+    if info.is_main:
+        print(res["table"], flush=True)
+        if res["export"]:
+            print(f"converted model: {res['export']['dir']}", flush=True)
+    del hf_ds
+    return 0
+
+
+def _is_main_env() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Noise that says nothing about the run: DeepSpeed calls deprecated torch.distributed names, and
+    # the first layer's ZeRO-3 backward hook fires on outputs only (expected, see select_trainable).
+    warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    try:
+        cfg = parse_args(argv)
+        if cfg is None:
+            return 0
+        return run(cfg)
+    except USER_ERRORS as err:
+        if _is_main_env():
+            print(f"dotmoe: error: {err}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
