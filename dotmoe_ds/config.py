@@ -133,6 +133,9 @@ class TrainArgs:
     """torch threads per process; 0: the machine's cores divided by the processes on this node"""
     log_every: int = 5
     """steps between TensorBoard logs of the assignment and router statistics"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer in the backward pass instead of storing its activations
+    (a 70B conversion needs it: see tools/plan_memory.py)"""
 
 
 @dataclass

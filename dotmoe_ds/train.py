@@ -385,6 +385,9 @@ def select_trainable(model, layers: list[DotMoEFFN], cfg: RunConfig, base_lr: fl
     # reduces a leaf module's gradients when the gradient reaches its inputs, and would otherwise do
     # so for the first layer before its scores' gradient exists.
     model.enable_input_require_grads()
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing: it works with frozen inputs and ZeRO-3's parameter hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return [g for g in groups if g["params"]]
 
 
