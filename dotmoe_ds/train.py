@@ -711,21 +711,30 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
     aux = AuxLosses(layers, cfg.objective.lb_weight, cfg.objective.z_weight, cfg.data.grad_accum)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
 
-    if plan.resume_from is not None:
-        state = resume(engine, layers, plan.resume_from)
-        _say(f"resumed from {plan.resume_from.path} at step {state.step}")
-    else:
-        n_calib = max(1, -(-cfg.moe.calib_tokens // cfg.data.seq_len))
-        calib = torch.from_numpy(packed.train[:n_calib].astype("int64"))
-        init = initialise_assignment(engine, layers, cfg, calib)
-        state = LoopState()
-        _say(f"initial partition '{cfg.partition}' and router '{cfg.moe.router_init}' in "
-             f"{init['init_seconds']:.1f} s")
+    # From here on a stop signal is a flag honoured at the first step boundary (with a checkpoint),
+    # also when it arrives during the resume or the initialisation below.
+    stop = StopSignal().install()
+    try:
+        if plan.resume_from is not None:
+            state = resume(engine, layers, plan.resume_from)
+            _say(f"resumed from {plan.resume_from.path} at step {state.step}")
+        else:
+            n_calib = max(1, -(-cfg.moe.calib_tokens // cfg.data.seq_len))
+            calib = torch.from_numpy(packed.train[:n_calib].astype("int64"))
+            init = initialise_assignment(engine, layers, cfg, calib)
+            state = LoopState()
+            _say(f"initial partition '{cfg.partition}' and router '{cfg.moe.router_init}' in "
+                 f"{init['init_seconds']:.1f} s")
+    except BaseException:
+        stop.uninstall()
+        raise
 
     monitor = Monitor(plan.output / "tensorboard" / "dotmoe", cfg.train.steps, state.step, enabled=info.is_main)
     try:
-        with StopSignal() as stop:
+        try:
             finished = train_loop(engine, layers, plan, packed, state, monitor, stop, aux)
+        finally:
+            stop.uninstall()
         if not finished:
             _say(f"stopped by signal {stop.received} at step {state.step}; checkpoint saved, exiting with "
                  f"{EXIT_REQUEUE} (requeue and rerun the same command to resume)")

@@ -102,7 +102,8 @@ def _finish(proc: subprocess.Popen, job_id: str, log_dir: Path, timeout: float =
 
 def _log(log_dir: Path, job_id: str) -> str:
     path = log_dir / f"job-{job_id}.out"
-    return path.read_text() if path.exists() else ""
+    # srun --label can split a multi-byte character of a progress bar between two labelled lines.
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 # ------------------------------------------------------------------------------ without a cluster
