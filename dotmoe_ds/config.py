@@ -89,6 +89,9 @@ class MoEArgs:
     """maximum Sinkhorn iterations per forward"""
     assigner: str = "sinkhorn"
     """sinkhorn (DOT-MoE) or softmax (ablation: no optimal transport)"""
+    sinkhorn_mode: str = "auto"
+    """auto (sharded over the ranks when there are several), sharded (each layer's rows split over
+    the ranks), or replicated (every rank computes every plan)"""
     routing_ste: bool = True
     """backward also reaches non-selected experts through the soft gates (METHOD.md 3)"""
 
@@ -298,6 +301,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("partition", m.partition, PARTITIONS)
     _choice("router_init", m.router_init, ROUTER_INITS)
     _choice("assigner", m.assigner, ("sinkhorn", "softmax"))
+    _choice("sinkhorn_mode", m.sinkhorn_mode, ("auto", "sharded", "replicated"))
     _choice("trainable", o.trainable, TRAINABLE)
     _choice("tau_schedule", o.tau_schedule, TAU_SCHEDULES)
     _choice("text_unit", d.text_unit, ("document", "paragraph", "line"))

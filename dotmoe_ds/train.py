@@ -53,9 +53,10 @@ from dotmoe_ds.demo import DemoModelError, demo_data_files, is_demo_alias, resol
 from dotmoe_ds.evaluate import perplexity, token_nll
 from dotmoe_ds.export import ExportError, export_moe
 from dotmoe_ds.families import FamilyAdapter, FamilyError, adapter_for
-from dotmoe_ds.layer import DotMoEFFN, set_mode, set_tau
+from dotmoe_ds.layer import DotMoEFFN, set_mode, set_plan_fn, set_tau
 from dotmoe_ds.monitor import Monitor, RouterAccumulator, Throughput, assignment_stats, memory_gb, router_stats
 from dotmoe_ds import partition as partition_lib
+from dotmoe_ds.sharded_sinkhorn import select_plan_fn
 from dotmoe_ds.spec import MoESpec, SpecError
 
 
@@ -707,6 +708,11 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
          f"blocks of {cfg.data.seq_len} tokens")
 
     model, layers, hf_ds = build_model(plan, ds)
+    # Every rank joins each plan's collectives: soft/ste forwards run on all ranks (data parallel);
+    # hard and dense modes (evaluation, export, calibration) never compute a plan.
+    plan_fn, plan_msg = select_plan_fn(cfg.moe.sinkhorn_mode, d_ff=plan.spec.d_ff)
+    set_plan_fn(model, plan_fn)
+    _say(plan_msg)
     groups = select_trainable(model, layers, cfg, float(ds["optimizer"]["params"]["lr"]))
     aux = AuxLosses(layers, cfg.objective.lb_weight, cfg.objective.z_weight, cfg.data.grad_accum)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)

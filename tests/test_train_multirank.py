@@ -317,3 +317,21 @@ def test_fixed_partition_method_in_one_process_resumes_with_its_partition(setup)
     for i, rec in enumerate(meta["layers"]):
         part = random_partition(spec, 3 * 1_000_003 + i)
         assert rec["experts"] == [torch.nonzero(part == e).squeeze(1).tolist() for e in range(4)]
+
+
+def test_sharded_sinkhorn_conversion_equals_replicated(setup, reference):
+    """Issue 5: a 2-rank conversion with the row-sharded Sinkhorn ends with the same assignment and
+    the same held-out loss as with every rank computing every plan (the reference run is 'auto',
+    which is sharded on 2 ranks)."""
+    ref_out, ref_log = reference
+    assert "Sinkhorn: sharded over 2 ranks" in ref_log
+    out = setup / "replicated"
+    rc, log = _finish(_launch(_args(setup, out, "--sinkhorn_mode", "replicated"), setup))
+    assert rc == 0, log[-3000:]
+    assert "Sinkhorn: replicated" in log
+    ref_meta = json.loads((ref_out / "model" / "dotmoe.json").read_text())
+    meta = json.loads((out / "model" / "dotmoe.json").read_text())
+    assert meta["layers"] == ref_meta["layers"]
+    ref_res = json.loads((ref_out / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text())
+    assert res["converted"]["mean_nll"] == pytest.approx(ref_res["converted"]["mean_nll"], abs=1e-4)
