@@ -114,6 +114,9 @@ class DotMoEFFN(nn.Module):
         self.last_router_stats: RouterStats | None = None
         self.last_assignment: Tensor | None = None   # hard assignment of the last forward (monitoring)
         self._hard_cache: tuple[tuple, Tensor] | None = None
+        # Set by the trainer when it rounded this layer elsewhere (layer-parallel, see
+        # pin_hard_assignment); wins over the cache until unpinned.
+        self._pinned_assignment: Tensor | None = None
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -148,14 +151,34 @@ class DotMoEFFN(nn.Module):
         ablation), and under exact capacities the potentials add the same constant to every
         candidate, so the optimal rounding of P is the optimal assignment by Theta itself: the
         same answer at any temperature, without the underflow ties a cold plan has in fp32.
-        Cached until the scores change.
+        Cached until the scores change, or the pinned assignment (`pin_hard_assignment`).
         """
+        if self._pinned_assignment is not None:
+            return self._pinned_assignment
         key = (self.scores.data_ptr(), self.scores._version)
         if self._hard_cache is None or self._hard_cache[0] != key:
             assign = assign_by_score(self.scores.detach().float(), self.spec.column_capacities,
                                      self.refine_rounds)
             self._hard_cache = (key, assign)
         return self._hard_cache[1]
+
+    @torch.no_grad()
+    def pin_hard_assignment(self, assign: Tensor | None) -> None:
+        """Use `assign` (`[d_ff]` column per neuron) as the hard assignment until the next pin;
+        None unpins (back to rounding the scores, cached).
+
+        For the distributed trainer: rounding a 28672-neuron layer takes a few hundred ms, so rank
+        `l mod world` rounds layer l once per optimizer step and broadcasts it, instead of every
+        rank rounding every layer (and, under ZeRO-3, whose gathers give the scores a new storage
+        each time, at every forward). The caller guarantees `assign` is the rounding of the
+        current scores and re-pins whenever the scores change.
+        """
+        if assign is None:
+            self._pinned_assignment = None
+            return
+        assign = torch.as_tensor(assign).long()
+        _check_assignment(assign, self.spec, "pinned assignment")
+        self._pinned_assignment = assign.to(self.scores.device)
 
     def assignment_matrix(self) -> Tensor:
         """`A` of METHOD.md section 4 for the current mode, `[d_ff, E']`, fp32."""
@@ -243,14 +266,14 @@ def _check_swiglu(gate_proj, up_proj, down_proj, act_fn, spec: MoESpec) -> None:
         raise ValueError(f"the MoE budget is for d_ff={spec.d_ff} but this MLP has {d_ff} neurons")
 
 
-def _check_assignment(assign: Tensor, spec: MoESpec) -> None:
+def _check_assignment(assign: Tensor, spec: MoESpec, name: str = "init_assignment") -> None:
     if assign.shape != (spec.d_ff,):
-        raise ValueError(f"init_assignment must have shape [{spec.d_ff}], got {tuple(assign.shape)}")
+        raise ValueError(f"{name} must have shape [{spec.d_ff}], got {tuple(assign.shape)}")
     if assign.min() < 0 or assign.max() >= spec.num_columns:
-        raise ValueError(f"init_assignment values must lie in [0, {spec.num_columns})")
+        raise ValueError(f"{name} values must lie in [0, {spec.num_columns})")
     counts = torch.bincount(assign, minlength=spec.num_columns).tolist()
     if tuple(counts) != spec.column_capacities:
-        raise ValueError(f"init_assignment fills columns {counts}, expected capacities "
+        raise ValueError(f"{name} fills columns {counts}, expected capacities "
                          f"{list(spec.column_capacities)}")
 
 

@@ -167,3 +167,31 @@ def test_bad_assignment_and_non_finite_scores():
         layer.scores[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         layer(torch.randn(2, D))
+
+
+def test_pinned_hard_assignment_is_used_until_unpinned():
+    """The trainer rounds each layer on its owner rank and pins the result on every rank: the forward,
+    materialise() and the export then use the pin; a bad pin is refused; unpinning rounds again."""
+    mlp = make_mlp(5)
+    spec = MoESpec.uniform(D_FF, 4, top_k=2)
+    own = partition_for(spec, 1)
+    layer = wrap(mlp, spec, init_assignment=own, router_weight=0.1 * torch.randn(4, D), mode="hard").eval()
+    other = partition_for(spec, 2)
+    assert not torch.equal(own, other)
+    x = torch.randn(6, D)
+    out_own = layer(x)
+    layer.pin_hard_assignment(other)
+    assert torch.equal(layer.hard_assignment(), other)
+    assert [torch.equal(idx, torch.nonzero(other == e).squeeze(1)) for e, idx in
+            enumerate(layer.materialise().expert_neurons)] == [True] * 4
+    pinned_layer_out = layer(x)
+    reference = wrap(mlp, spec, init_assignment=other, router_weight=layer.router.weight.detach(), mode="hard").eval()
+    torch.testing.assert_close(pinned_layer_out, reference(x), atol=0, rtol=0)
+    assert not torch.allclose(pinned_layer_out, out_own)
+    bad = other.clone()
+    bad[0] = (bad[0] + 1) % 4            # one expert over capacity, one under
+    with pytest.raises(ValueError):
+        layer.pin_hard_assignment(bad)
+    assert torch.equal(layer.hard_assignment(), other)     # a refused pin leaves the old one
+    layer.pin_hard_assignment(None)
+    assert torch.equal(layer.hard_assignment(), own)

@@ -335,3 +335,38 @@ def test_sharded_sinkhorn_conversion_equals_replicated(setup, reference):
     ref_res = json.loads((ref_out / "results.json").read_text())
     res = json.loads((out / "results.json").read_text())
     assert res["converted"]["mean_nll"] == pytest.approx(ref_res["converted"]["mean_nll"], abs=1e-4)
+
+
+def _with(args: list[str], **flags) -> list[str]:
+    """`args` with each --flag's value replaced (or the flag appended)."""
+    args = list(args)
+    for flag, value in flags.items():
+        if f"--{flag}" in args:
+            args[args.index(f"--{flag}") + 1] = str(value)
+        else:
+            args += [f"--{flag}", str(value)]
+    return args
+
+
+def test_layer_parallel_initialisation_equals_one_process(setup):
+    """Issue 5: on 2 ranks each layer's initial partition (here co-activation clustering on
+    calibration activations, the most input-sensitive one) is computed by rank `layer mod 2` and
+    broadcast; the result equals one process computing every layer. --method cluster keeps the
+    partition fixed, so the export records exactly the initial partition."""
+    flags = {"method": "cluster", "partition": "coactivation", "steps": 1, "checkpoint_every": 0, "eval_blocks": 2}
+    two = setup / "init_two_ranks"
+    rc, log = _finish(_launch(_with(_args(setup, two), **flags), setup))
+    assert rc == 0, log[-3000:]
+    one = setup / "init_one_process"
+    args = _with(_args(setup, one), **flags)
+    del args[args.index("--deepspeed"): args.index("--deepspeed") + 2]   # the built-in ZeRO-3 config
+    run = subprocess.run([sys.executable, str(TRAIN), *args], cwd=ROOT, env=_env(setup), text=True,
+                         capture_output=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 rank(s)" in log and "1 rank(s)" in run.stdout
+    layers_two = json.loads((two / "model" / "dotmoe.json").read_text())["layers"]
+    layers_one = json.loads((one / "model" / "dotmoe.json").read_text())["layers"]
+    assert len(layers_two) == len(layers_one) >= 2
+    assert layers_two == layers_one
+    # Not trivially equal: the co-activation partition is not the identity split.
+    assert layers_one[0]["experts"] != [list(range(e * 24, (e + 1) * 24)) for e in range(4)]
