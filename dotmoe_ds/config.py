@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 DEMO = "demo"
-METHODS = ("dot", "random", "cluster")
+METHODS = ("dot", "random", "cluster", "prune")
 PARTITIONS = ("auto", "random", "kmeans", "coactivation")
 ROUTER_INITS = ("gate_mean", "lstsq", "zero")
 TRAINABLE = ("assignment", "ffn", "all")
 TAU_SCHEDULES = ("cosine", "linear", "constant")
+PHASES = ("convert", "recover")
 
 
 class ConfigError(ValueError):
@@ -72,7 +73,8 @@ class MoEArgs:
     """neurons of an always-active shared expert (Qwen2 family only); 0: none"""
     method: str = "dot"
     """dot: learn the assignment (Sinkhorn + STE) and the router; random / cluster: a fixed random /
-    balanced k-means partition with the router trained the same way (same budget, METHOD.md 7)"""
+    balanced k-means partition with the router trained the same way (same budget, METHOD.md 7);
+    prune: structured FFN pruning to the same active fraction, exported as a dense model"""
     partition: str = "auto"
     """initial partition: random, kmeans (on the neurons' [W_g; W_u] rows), coactivation (on
     calibration activations); auto: random for --method random, kmeans otherwise"""
@@ -89,6 +91,10 @@ class MoEArgs:
     """maximum Sinkhorn iterations per forward"""
     assigner: str = "sinkhorn"
     """sinkhorn (DOT-MoE) or softmax (ablation: no optimal transport)"""
+    ep_size: int = 0
+    """--phase recover: experts of each layer spread over expert-parallel groups of this many ranks
+    (DeepSpeed AutoEP); it must divide the world size and the number of experts. 0: the DeepSpeed
+    config's expert_parallel.autoep_size (1 if it has none)"""
     sinkhorn_mode: str = "auto"
     """auto (sharded over the ranks when there are several), sharded (each layer's rows split over
     the ranks), or replicated (every rank computes every plan)"""
@@ -124,6 +130,10 @@ class ObjectiveArgs:
 
 @dataclass
 class TrainArgs:
+    phase: str = "convert"
+    """convert: dense model -> DOT-MoE (the default); recover: continue training an exported MoE
+    (--model OUTPUT/model of a conversion) with DeepSpeed expert parallelism (see --ep_size);
+    --trainable then means: assignment = routers only, ffn = routers + experts, all = everything"""
     steps: int = 40
     """optimizer steps"""
     seed: int = 0
@@ -303,6 +313,11 @@ def validate(cfg: RunConfig) -> None:
     _choice("assigner", m.assigner, ("sinkhorn", "softmax"))
     _choice("sinkhorn_mode", m.sinkhorn_mode, ("auto", "sharded", "replicated"))
     _choice("trainable", o.trainable, TRAINABLE)
+    _choice("phase", t.phase, PHASES)
+    if m.ep_size < 0:
+        raise ConfigError(f"--ep_size must be >= 0 (0: the DeepSpeed config's autoep_size), got {m.ep_size}")
+    if m.ep_size and t.phase != "recover":
+        raise ConfigError("--ep_size spreads the experts of an exported MoE over ranks: it needs --phase recover")
     _choice("tau_schedule", o.tau_schedule, TAU_SCHEDULES)
     _choice("text_unit", d.text_unit, ("document", "paragraph", "line"))
     if m.num_experts < 1:
@@ -344,6 +359,9 @@ def validate(cfg: RunConfig) -> None:
                           "(or use it with --method cluster or dot)")
     if m.method == "cluster" and m.partition == "random":
         raise ConfigError("--method cluster with --partition random is --method random; pass one of them")
+    if m.method == "prune" and m.partition != "auto":
+        raise ConfigError(f"--method prune keeps neurons by importance and has no partition; drop --partition "
+                          f"{m.partition}")
     if not c.output.strip():
         raise ConfigError("--output must name a folder")
 

@@ -28,6 +28,7 @@ Qwen2-MoE adds sigmoid(shared_expert_gate(x)) * shared_expert(x); a zero gate we
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator
@@ -103,6 +104,8 @@ class FamilyAdapter:
     # Target-config keys that its modelling code reads although they are not declared fields.
     extra_target_keys: ClassVar[frozenset[str]] = frozenset()
     layers_path: ClassVar[str] = "model.layers"
+    # The dense config's FFN width field (every supported family names it so).
+    intermediate_size_key: ClassVar[str] = "intermediate_size"
 
     # ------------------------------------------------------------------ model structure
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -118,6 +121,21 @@ class FamilyAdapter:
     def layer_prefix(self, layer_idx: int) -> str:
         """The state-dict prefix of decoder layer `layer_idx`, e.g. 'model.layers.3.'."""
         return f"{self.layers_path}.{layer_idx}."
+
+    def dense_mlp_tensor_names(self, layer_idx: int) -> tuple[str, str, str]:
+        """On-disk (gate, up, down) weight names of layer `layer_idx`'s dense MLP."""
+        prefix = self.layer_prefix(layer_idx)
+        return (f"{prefix}mlp.gate_proj.weight", f"{prefix}mlp.up_proj.weight", f"{prefix}mlp.down_proj.weight")
+
+    def pruned_config(self, config: PretrainedConfig, intermediate_size: int) -> PretrainedConfig:
+        """The dense config with a narrower FFN (the prune baseline's export), all else unchanged."""
+        self.check_dense_config(config)
+        if not 1 <= intermediate_size <= getattr(config, self.intermediate_size_key):
+            raise FamilyError(f"a pruned FFN keeps between 1 and {getattr(config, self.intermediate_size_key)} "
+                              f"neurons, not {intermediate_size}")
+        out = copy.deepcopy(config)
+        setattr(out, self.intermediate_size_key, int(intermediate_size))
+        return out
 
     def mlps(self, model: nn.Module) -> list[nn.Module]:
         return [layer.mlp for layer in self.layers(model)]

@@ -15,7 +15,9 @@ Steps (every rank runs all of them; rank 0 alone writes files):
     Resumed run: the latest complete checkpoint instead.
  4. train: CE (+ distillation to the same network in dense mode) + load balance + z-loss, tau
     annealed; TensorBoard, checkpoints every N steps and on SIGTERM/SIGUSR1 (then exit 75).
- 5. hard assignment, streaming export to OUTPUT/model, held-out perplexity of the dense and the
+    Whenever the scores change, each layer's owner rank rounds them to the capacity-exact hard
+    assignment and broadcasts it (pin_hard_assignments): no rank rounds every layer.
+ 5. the pinned hard assignment, streaming export to OUTPUT/model, held-out perplexity of the dense and the
     converted model, a table on stdout and OUTPUT/results.json.
 """
 from __future__ import annotations
@@ -53,10 +55,12 @@ from dotmoe_ds.demo import DemoModelError, demo_data_files, is_demo_alias, resol
 from dotmoe_ds.evaluate import perplexity, token_nll
 from dotmoe_ds.export import ExportError, export_moe
 from dotmoe_ds.families import FamilyAdapter, FamilyError, adapter_for
-from dotmoe_ds.layer import DotMoEFFN, set_mode, set_plan_fn, set_tau
+from dotmoe_ds.layer import DotMoEFFN, set_plan_fn, set_tau
+from dotmoe_ds import baselines
+from dotmoe_ds.baselines import PRUNE, PrunedFFN, export_pruned, set_mode   # set_mode: MoE and pruned layers
 from dotmoe_ds.monitor import Monitor, RouterAccumulator, Throughput, assignment_stats, memory_gb, router_stats
 from dotmoe_ds import partition as partition_lib
-from dotmoe_ds.sharded_sinkhorn import select_plan_fn
+from dotmoe_ds.sharded_sinkhorn import broadcast_from_owners, select_plan_fn
 from dotmoe_ds.spec import MoESpec, SpecError
 
 
@@ -269,7 +273,7 @@ class AuxLosses:
     def __init__(self, layers: list[DotMoEFFN], lb_weight: float, z_weight: float, grad_accum: int):
         self.layers, self.lb_weight, self.z_weight = layers, lb_weight, z_weight
         # Mean over layers; DeepSpeed divides the main loss by the accumulation steps, so do we.
-        self.scale = 1.0 / (len(layers) * grad_accum)
+        self.scale = 1.0 / (max(len(layers), 1) * grad_accum)   # no layers: a pruned model
         self.lb_sum = 0.0
         self.z_sum = 0.0
         self.count = 0
@@ -347,18 +351,19 @@ def build_model(plan: Plan, ds: dict):
                          sinkhorn_iters=cfg.moe.sinkhorn_iters, assigner=cfg.moe.assigner,
                          routing_ste=cfg.moe.routing_ste, mode="dense")
 
-    layers = plan.adapter.swap_in(model, make_ffn)
+    # --method prune: a dense model keeping its most important neurons (baselines.py)
+    layers = plan.adapter.swap_in(model, PrunedFFN.wrap if cfg.moe.method == PRUNE else make_ffn)
     if dtype != torch.float32:
         # DeepSpeed's mixed-precision optimizers flatten every trainable parameter into one buffer
         # of the model dtype (ZeRO-3 asserts a single dtype), so Theta is stored in that dtype too;
         # the optimizer still keeps an fp32 master copy and the layer runs Sinkhorn in fp32.
-        for layer in layers:
+        for layer in (layer for layer in layers if isinstance(layer, DotMoEFFN)):
             layer.scores.data = layer.scores.data.to(dtype)
     if zero_stage(ds) == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
         # One gather per layer forward; data-dependent masks inside cannot desynchronise ranks.
-        set_z3_leaf_modules(model, [DotMoEFFN])
+        set_z3_leaf_modules(model, [DotMoEFFN, PrunedFFN])
     return model, layers, hf_ds
 
 
@@ -368,7 +373,9 @@ def select_trainable(model, layers: list[DotMoEFFN], cfg: RunConfig, base_lr: fl
     for p in model.parameters():
         p.requires_grad_(o.trainable == "all")
     scores, routers, weights = [], [], []
-    for layer in layers:
+    if method == PRUNE:   # no scores, no router: the kept weights when weights train, else nothing
+        baselines.mark_trainable(model, o.trainable)
+    for layer in (layer for layer in layers if isinstance(layer, DotMoEFFN)):
         layer.scores.requires_grad_(method == "dot")
         layer.router.weight.requires_grad_(True)
         if method == "dot":
@@ -377,7 +384,8 @@ def select_trainable(model, layers: list[DotMoEFFN], cfg: RunConfig, base_lr: fl
         if o.trainable == "ffn":
             for lin in (layer.gate_proj, layer.up_proj, layer.down_proj):
                 lin.weight.requires_grad_(True)
-    special = {id(p) for p in scores + routers} | {id(layer.scores) for layer in layers}
+    special = {id(p) for p in scores + routers} | {id(layer.scores) for layer in layers
+                                                   if isinstance(layer, DotMoEFFN)}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
     groups = [{"params": scores, "lr": base_lr * o.scores_lr_scale, "weight_decay": 0.0},
               {"params": routers, "lr": base_lr * o.router_lr_scale, "weight_decay": 0.0},
@@ -467,6 +475,48 @@ def initialise_assignment(engine, layers: list[DotMoEFFN], cfg: RunConfig, calib
     return {"init_seconds": time.perf_counter() - start, "calibration_tokens": int(calib.numel())}
 
 
+@torch.no_grad()
+def initialise_pruning(engine, layers: list[PrunedFFN], cfg: RunConfig, calib: torch.Tensor, kept: int) -> dict:
+    """--method prune: each layer keeps its `kept` most important neurons by activation-weighted norm
+    on the calibration tokens (METHOD.md section 7), computed by the layer's owner rank inside the
+    gather of its three weights (nothing is copied) and broadcast. Collective."""
+    start = time.perf_counter()
+    # Before set_kept every neuron is kept, so this forward is the dense model's.
+    inputs = capture_mlp_inputs(engine, layers, calib, cfg.moe.calib_tokens)
+    me = dist.rank()
+    for i, layer in enumerate(layers):
+        ws = [layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight]
+        choice = None
+        with dist.gathered(ws):
+            if dist.owner_of(i) == me:
+                importance = baselines.neuron_importance(inputs.pop(i), *ws, layer.act_fn)
+                choice = baselines.choose_kept(importance, kept)
+        layer.set_kept(dist.broadcast_object(choice, src=dist.owner_of(i)))
+    return {"init_seconds": time.perf_counter() - start, "calibration_tokens": int(calib.numel()),
+            "what": f"kept {kept} of {layers[0].d_ff} neurons per layer ({baselines.IMPORTANCE_CRITERION})"}
+
+
+@torch.no_grad()
+def pin_hard_assignments(layers: list[DotMoEFFN]) -> None:
+    """Round every layer's scores to its capacity-exact hard assignment, layer-parallel: rank
+    `l mod world` rounds layer l (under ZeRO-3 every rank joins the gather of the small scores) and
+    broadcasts it; every rank pins the results. Called whenever the scores change (after the
+    initialisation, a resume, each optimizer step), so the forwards, the monitor and the export
+    reuse them. Collective."""
+    me = dist.rank()
+    assignments = []
+    for i, layer in enumerate(layers):
+        layer.pin_hard_assignment(None)
+        with dist.gathered([layer.scores]):
+            if dist.owner_of(i) == me:
+                assign = layer.hard_assignment().clone()
+            else:
+                assign = torch.empty(layer.spec.d_ff, dtype=torch.int64, device=layer.scores.device)
+        assignments.append(assign.contiguous())
+    for layer, assign in zip(layers, broadcast_from_owners(assignments)):
+        layer.pin_hard_assignment(assign)
+
+
 def frozen_assignment_state(layers: list[DotMoEFFN]) -> dict[int, torch.Tensor]:
     """Scores that the optimizer does not hold (random/cluster keep them frozen), for checkpoints."""
     out = {}
@@ -496,6 +546,8 @@ class LoopState:
 
 
 def _log_assignment(monitor: Monitor, layers, state: LoopState, step: int, router_acc: RouterAccumulator) -> None:
+    if not layers:   # a pruned model: no assignment, no router
+        return
     scalars, current, confidence = assignment_stats(layers, state.previous_assignment)
     state.previous_assignment = current
     rscalars, loads = router_stats(router_acc)
@@ -519,6 +571,7 @@ def train_loop(engine, layers: list[DotMoEFFN], plan: Plan, packed: PackedData, 
     tokens_per_micro = d.batch_size * d.seq_len * dist.world_size()
     engine.train()
     set_mode(engine.module, train_mode)
+    pin_hard_assignments(layers)
     if state.previous_assignment is None:
         state.previous_assignment = assignment_stats(layers, None)[1]
     ckpt_dir = checkpoint_dir(plan.output)
@@ -548,6 +601,8 @@ def train_loop(engine, layers: list[DotMoEFFN], plan: Plan, packed: PackedData, 
             sums += torch.tensor([ce.item(), kd.item(), loss.item()], dtype=torch.float64)
             speed.add(tokens_per_micro)
         state.step += 1
+        if any(layer.scores.requires_grad for layer in layers):   # the step moved the scores
+            pin_hard_assignments(layers)
         lb, z = aux.take()
         ce_m, kd_m, main = (dist.all_reduce_sum(sums) / (gas * dist.world_size())).tolist()
         total = main + o.lb_weight * lb + o.z_weight * z
@@ -575,7 +630,8 @@ def save_run_checkpoint(engine, layers, ckpt_dir: Path, state: LoopState, cfg: R
     client = {"dotmoe": {"step": state.step, "micro_step": state.step * cfg.data.grad_accum,
                          "previous_assignment": state.previous_assignment,
                          "losses": state.losses,
-                         "frozen_scores": frozen_assignment_state(layers)}}
+                         "frozen_scores": frozen_assignment_state(layers),
+                         "kept_neurons": baselines.kept_state(engine.module)}}
     return save_checkpoint(engine, ckpt_dir, state.step, client, {"rng": rng_state()},
                            keep=cfg.checkpoint.keep_checkpoints)
 
@@ -586,6 +642,7 @@ def resume(engine, layers, info: CheckpointInfo) -> LoopState:
     if ours is None:
         raise CheckpointError(f"{info.path} was not written by the dotmoe trainer (no 'dotmoe' client state)")
     restore_frozen_assignment(layers, ours.get("frozen_scores", {}))
+    baselines.restore_kept_state(engine.module, ours.get("kept_neurons", {}))
     set_rng_state(rank_state["rng"])
     return LoopState(step=int(ours["step"]), previous_assignment=ours.get("previous_assignment"),
                      losses=list(ours.get("losses", [])),
@@ -597,10 +654,13 @@ def resume(engine, layers, info: CheckpointInfo) -> LoopState:
 def results_table(res: dict) -> str:
     dense, conv = res["dense"], res["converted"]
     spec = res["budget"]
+    name, active = f"{res['method']} MoE (E={spec['num_experts']}, k={spec['top_k']})", spec["active_fraction"]
+    if res.get("pruned"):
+        name = f"pruned dense ({res['pruned']['kept_neurons']} of {spec['d_ff']} neurons)"
+        active = res["pruned"]["active_fraction"]
     rows = [("model", "held-out ppl", "mean NLL", "active FFN"),
             ("dense", f"{dense['perplexity']:.2f}", f"{dense['mean_nll']:.4f}", "100%"),
-            (f"{res['method']} MoE (E={spec['num_experts']}, k={spec['top_k']})", f"{conv['perplexity']:.2f}",
-             f"{conv['mean_nll']:.4f}", f"{spec['active_fraction']:.0%}")]
+            (name, f"{conv['perplexity']:.2f}", f"{conv['mean_nll']:.4f}", f"{active:.0%}")]
     width = [max(len(r[c]) for r in rows) for c in range(4)]
     lines = ["  ".join(cell.ljust(width[c]) if c == 0 else cell.rjust(width[c]) for c, cell in enumerate(r))
              for r in rows]
@@ -620,11 +680,12 @@ def finish(engine, layers, plan: Plan, packed: PackedData, state: LoopState, mon
     export_info = None
     if cfg.eval.export:
         source = plan.model_path if Path(plan.model_path).is_dir() else None
-        result = export_moe(module, plan.adapter, plan.spec, plan.output / "model", source_dir=source,
-                            method=cfg.moe.method, overwrite=True, gather=lambda ps: dist.gathered(ps),
-                            is_writer=dist.is_main(),
-                            extra_meta={"steps": cfg.train.steps, "seed": cfg.train.seed,
-                                        "tau_end": cfg.objective.tau_end})
+        export = export_pruned if cfg.moe.method == PRUNE else export_moe   # dense family vs MoE target
+        result = export(module, plan.adapter, plan.spec, plan.output / "model", source_dir=source,
+                        method=cfg.moe.method, overwrite=True, gather=lambda ps: dist.gathered(ps),
+                        is_writer=dist.is_main(),
+                        extra_meta={"steps": state.step, "seed": cfg.train.seed,
+                                    "tau_end": cfg.objective.tau_end})
         export_info = {"dir": str(result.output_dir), "params": result.params.to_dict()}
     ev = cfg.eval
     if packed.eval is None:
@@ -635,11 +696,17 @@ def finish(engine, layers, plan: Plan, packed: PackedData, state: LoopState, mon
     set_mode(module, "hard")
     converted = perplexity(module, packed.eval, batch_size=ev.eval_batch_size, max_blocks=ev.eval_blocks,
                            device=engine.device)
-    res = {"method": cfg.moe.method, "model": cfg.model.model, "steps": cfg.train.steps,
+    res = {"method": cfg.moe.method, "model": cfg.model.model, "steps": state.step,
            "world_size": dist.world_size(), "budget": plan.spec.to_dict(),
            "dense": dense.to_dict(), "converted": converted.to_dict(),
-           "retention": dense.ppl / converted.ppl, "final_train_loss": state.last_loss,
+           "retention": dense.ppl / converted.ppl,
+           "final_train_loss": state.last_loss if state.losses else None,   # None: nothing was trained
            "export": export_info, "wall_seconds": time.perf_counter() - wall_start}
+    pruned = baselines.pruned_layers(module)
+    if pruned:
+        res["pruned"] = {"kept_neurons": pruned[0].kept_count,
+                         "active_fraction": pruned[0].kept_count / plan.spec.d_ff,
+                         "importance": baselines.IMPORTANCE_CRITERION}
     monitor.scalars(cfg.train.steps, {"eval/ppl_dense": dense.ppl, "eval/ppl_converted": converted.ppl,
                                       "eval/retention": res["retention"]})
     if dist.is_main():
@@ -708,29 +775,38 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
          f"blocks of {cfg.data.seq_len} tokens")
 
     model, layers, hf_ds = build_model(plan, ds)
+    # The router and assignment machinery (aux losses, monitors, frozen scores) runs on the DOT-MoE
+    # layers; a pruned model (--method prune) has none, only its PrunedFFN `layers`.
+    moe_layers = [layer for layer in layers if isinstance(layer, DotMoEFFN)]
     # Every rank joins each plan's collectives: soft/ste forwards run on all ranks (data parallel);
     # hard and dense modes (evaluation, export, calibration) never compute a plan.
     plan_fn, plan_msg = select_plan_fn(cfg.moe.sinkhorn_mode, d_ff=plan.spec.d_ff)
     set_plan_fn(model, plan_fn)
     _say(plan_msg)
     groups = select_trainable(model, layers, cfg, float(ds["optimizer"]["params"]["lr"]))
-    aux = AuxLosses(layers, cfg.objective.lb_weight, cfg.objective.z_weight, cfg.data.grad_accum)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+    aux = AuxLosses(moe_layers, cfg.objective.lb_weight, cfg.objective.z_weight, cfg.data.grad_accum)
+    if not groups:   # nothing trains (--method prune --trainable assignment): no optimizer, no steps
+        ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
+        _say("nothing to train: the model is evaluated and exported as initialised")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups or None, config=ds)
 
     # From here on a stop signal is a flag honoured at the first step boundary (with a checkpoint),
     # also when it arrives during the resume or the initialisation below.
     stop = StopSignal().install()
     try:
         if plan.resume_from is not None:
-            state = resume(engine, layers, plan.resume_from)
+            state = resume(engine, moe_layers, plan.resume_from)
             _say(f"resumed from {plan.resume_from.path} at step {state.step}")
         else:
             n_calib = max(1, -(-cfg.moe.calib_tokens // cfg.data.seq_len))
             calib = torch.from_numpy(packed.train[:n_calib].astype("int64"))
-            init = initialise_assignment(engine, layers, cfg, calib)
+            if cfg.moe.method == PRUNE:
+                init = initialise_pruning(engine, layers, cfg, calib, baselines.kept_count(plan.spec))
+            else:
+                init = initialise_assignment(engine, layers, cfg, calib)
             state = LoopState()
-            _say(f"initial partition '{cfg.partition}' and router '{cfg.moe.router_init}' in "
-                 f"{init['init_seconds']:.1f} s")
+            what = init.get("what") or f"initial partition '{cfg.partition}' and router '{cfg.moe.router_init}'"
+            _say(f"{what} in {init['init_seconds']:.1f} s")
     except BaseException:
         stop.uninstall()
         raise
@@ -738,7 +814,8 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
     monitor = Monitor(plan.output / "tensorboard" / "dotmoe", cfg.train.steps, state.step, enabled=info.is_main)
     try:
         try:
-            finished = train_loop(engine, layers, plan, packed, state, monitor, stop, aux)
+            finished = (train_loop(engine, moe_layers, plan, packed, state, monitor, stop, aux)
+                        if groups else True)
         finally:
             stop.uninstall()
         if not finished:
@@ -771,6 +848,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
         if cfg is None:
             return 0
+        if cfg.train.phase == "recover":   # expert-parallel training of an exported MoE (recover.py)
+            from dotmoe_ds.recover import run_recovery
+
+            return run_recovery(cfg)
         return run(cfg)
     except USER_ERRORS as err:
         if _is_main_env():
