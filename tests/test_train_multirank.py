@@ -348,16 +348,20 @@ def _with(args: list[str], **flags) -> list[str]:
     return args
 
 
-def test_layer_parallel_initialisation_equals_one_process(setup):
-    """Issue 5: on 2 ranks each layer's initial partition (here co-activation clustering on
-    calibration activations, the most input-sensitive one) is computed by rank `layer mod 2` and
-    broadcast; the result equals one process computing every layer. --method cluster keeps the
-    partition fixed, so the export records exactly the initial partition."""
-    flags = {"method": "cluster", "partition": "coactivation", "steps": 1, "checkpoint_every": 0, "eval_blocks": 2}
-    two = setup / "init_two_ranks"
+@pytest.mark.parametrize("method", ["cluster", "prune"])
+def test_layer_parallel_initialisation_equals_one_process(setup, method):
+    """Issue 5: on 2 ranks each layer's initialisation is computed by rank `layer mod 2` and
+    broadcast; the result equals one process computing every layer. cluster: co-activation
+    clustering on calibration activations (the most input-sensitive partition), kept fixed, so the
+    export records exactly the initial partition. prune: the kept neurons by calibration importance
+    (nothing trains with --trainable assignment, so the export records exactly the initial choice)."""
+    flags = {"method": method, "partition": "coactivation", "steps": 1, "checkpoint_every": 0, "eval_blocks": 2}
+    if method == "prune":
+        flags["partition"] = "auto"
+    two = setup / f"init_two_ranks_{method}"
     rc, log = _finish(_launch(_with(_args(setup, two), **flags), setup))
     assert rc == 0, log[-3000:]
-    one = setup / "init_one_process"
+    one = setup / f"init_one_process_{method}"
     args = _with(_args(setup, one), **flags)
     del args[args.index("--deepspeed"): args.index("--deepspeed") + 2]   # the built-in ZeRO-3 config
     run = subprocess.run([sys.executable, str(TRAIN), *args], cwd=ROOT, env=_env(setup), text=True,
@@ -368,5 +372,8 @@ def test_layer_parallel_initialisation_equals_one_process(setup):
     layers_one = json.loads((one / "model" / "dotmoe.json").read_text())["layers"]
     assert len(layers_two) == len(layers_one) >= 2
     assert layers_two == layers_one
-    # Not trivially equal: the co-activation partition is not the identity split.
-    assert layers_one[0]["experts"] != [list(range(e * 24, (e + 1) * 24)) for e in range(4)]
+    # Not trivially equal: neither the identity split nor the first half of the neurons.
+    if method == "cluster":
+        assert layers_one[0]["experts"] != [list(range(e * 24, (e + 1) * 24)) for e in range(4)]
+    else:
+        assert len(layers_one[0]["kept"]) == 48 and layers_one[0]["kept"] != list(range(48))
