@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 DEMO = "demo"
 METHODS = ("dot", "random", "cluster", "prune")
-PARTITIONS = ("auto", "random", "kmeans", "coactivation")
+PARTITIONS = ("auto", "random", "kmeans", "coactivation", "importance")
 ROUTER_INITS = ("gate_mean", "lstsq", "zero")
 TRAINABLE = ("assignment", "ffn", "all")
 TAU_SCHEDULES = ("cosine", "linear", "constant")
@@ -77,7 +77,9 @@ class MoEArgs:
     prune: structured FFN pruning to the same active fraction, exported as a dense model"""
     partition: str = "auto"
     """initial partition: random, kmeans (on the neurons' [W_g; W_u] rows), coactivation (on
-    calibration activations); auto: random for --method random, kmeans otherwise"""
+    calibration activations), importance (neurons sorted by activation-weighted importance fill
+    expert 0, 1, ...: top-k of experts 0..k-1 is structured pruning); auto: random for --method
+    random, kmeans otherwise"""
     beta: float = 3.0
     """confidence of the initial partition: Theta = beta * one_hot(partition)"""
     router_init: str = "gate_mean"

@@ -42,7 +42,7 @@ tokenizer).
 Scoring: each choice's summed log-likelihood log P(choice | context), with the context tokenised
 alone (BOS first only where the tokenizer adds one by default, as in `data.py`) and the choice
 tokenised as " " + choice. `accuracy` takes the argmax of the summed log-likelihood (lm-eval's
-`acc`); `accuracy_norm` divides by the choice's length in UTF-8 bytes (lm-eval's `acc_norm`);
+`acc`); `accuracy_norm` divides by the choice's length in characters (lm-eval's `acc_norm`);
 `accuracy_per_token` by its token count. By default (`method="kv"`) the context runs once and its
 KV cache is repeated for the four choices, which run as one right-padded batch (causal attention:
 padding after a choice cannot change it); `method="full"` recomputes [context + choice] for each
@@ -167,16 +167,17 @@ def load_model(model: str | Path, *, dtype: torch.dtype = torch.float32, device:
 
 
 def parameter_counts(model: torch.nn.Module, model_dir: str | Path | None = None) -> dict:
-    """{'total', 'active', 'source'} parameters of `model`: from the export's dotmoe.json when
-    `model_dir` has one (real neurons, padding excluded); else counted on the model (a conversion
-    model's DotMoEFFN layers through their budget, a transformers MoE through its config's
-    experts-per-token, a dense model: active = total)."""
+    """{'total', 'active', 'active_ffn_fraction', 'source'} of `model`: from the export's dotmoe.json
+    when `model_dir` has one (real neurons, padding excluded); else counted on the model (a
+    conversion model's DotMoEFFN layers through their budget, a transformers MoE through its
+    config's experts-per-token, a dense model: active = total)."""
     if model_dir is not None and (Path(model_dir) / "dotmoe.json").is_file():
         from dotmoe_ds.export import read_dotmoe
 
-        params = read_dotmoe(model_dir)["params"]
+        meta = read_dotmoe(model_dir)
+        params = meta["params"]
         return {"total": int(params["total"]), "active": int(params["active"]), "dense": int(params["dense"]),
-                "source": "dotmoe.json"}
+                "active_ffn_fraction": float(meta["active_ffn_fraction"]), "source": "dotmoe.json"}
     from dotmoe_ds.layer import DotMoEFFN
 
     named = dict(model.named_parameters())
@@ -184,22 +185,28 @@ def parameter_counts(model: torch.nn.Module, model_dir: str | Path | None = None
     if dotmoe_layers:
         # Theta only exists during conversion; it is not a parameter of the resulting MoE.
         total = sum(p.numel() for n, p in named.items() if not n.endswith(".scores"))
-        active = total
+        inactive, ffn_total = 0.0, 0
         for layer in dotmoe_layers:
             spec = layer.spec
             ffn = sum(p.numel() for m in (layer.gate_proj, layer.up_proj, layer.down_proj) for p in m.parameters())
             per_neuron = ffn / spec.d_ff
-            active -= ffn - round(per_neuron * (spec.shared + spec.top_k * sum(spec.capacities) / spec.num_experts))
-        return {"total": total, "active": active, "source": "counted (DotMoEFFN budget)"}
+            # Per token: the shared expert and k routed experts of mean size (as export.py counts).
+            inactive += ffn - per_neuron * (spec.shared + spec.top_k * sum(spec.capacities) / spec.num_experts)
+            ffn_total += ffn
+        return {"total": total, "active": total - round(inactive), "active_ffn_fraction": 1 - inactive / ffn_total,
+                "source": "counted (DotMoEFFN budget)"}
     total = sum(p.numel() for p in named.values())
     config = getattr(model, "config", None)
     num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     top_k = getattr(config, "num_experts_per_tok", None)
     if num_experts and top_k:
         experts = sum(p.numel() for n, p in named.items() if ".experts." in n)
-        active = total - experts + round(experts * top_k / num_experts)
-        return {"total": total, "active": active, "source": "counted (config experts, padding included)"}
-    return {"total": total, "active": total, "source": "counted (dense)"}
+        shared = sum(p.numel() for n, p in named.items() if ".shared_expert." in n)
+        active_experts = experts * top_k / num_experts
+        return {"total": total, "active": total - experts + round(active_experts),
+                "active_ffn_fraction": (active_experts + shared) / (experts + shared),
+                "source": "counted (config experts, padding included)"}
+    return {"total": total, "active": total, "active_ffn_fraction": 1.0, "source": "counted (dense)"}
 
 
 # =============================================================================================
@@ -428,7 +435,7 @@ def build_cloze(files: str | Sequence[str], tokenizer, config: ClozeConfig = Clo
 class ClozeResult:
     items: int
     accuracy: float            # argmax of summed log-likelihood
-    accuracy_norm: float       # argmax of log-likelihood per UTF-8 byte of the choice
+    accuracy_norm: float       # argmax of log-likelihood per character of the choice (lm-eval's acc_norm)
     accuracy_per_token: float  # argmax of log-likelihood per token of the choice
     stderr: float              # binomial standard error of `accuracy`
     mean_nll_true: float       # mean per-token NLL of the true continuations
@@ -522,7 +529,7 @@ def score_cloze(model: torch.nn.Module, tokenizer, items: Sequence[ClozeItem], *
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    lls, labels, byte_lens, tok_lens, true_nll = [], [], [], [], []
+    lls, labels, char_lens, tok_lens, true_nll = [], [], [], [], []
     iterator: Iterable = items
     if progress:
         from tqdm import tqdm
@@ -535,7 +542,7 @@ def score_cloze(model: torch.nn.Module, tokenizer, items: Sequence[ClozeItem], *
             ll = choice_loglikelihoods(model, ctx, choice_ids, method=method).numpy()
             lls.append(ll)
             labels.append(item.label)
-            byte_lens.append([len((" " + c).encode("utf-8")) for c in item.choices])
+            char_lens.append([len(c) for c in item.choices])
             tok_lens.append([len(c) for c in choice_ids])
             true_nll.append(-ll[item.label] / tok_lens[-1][item.label])
     finally:
@@ -546,7 +553,7 @@ def score_cloze(model: torch.nn.Module, tokenizer, items: Sequence[ClozeItem], *
         return float((scores.argmax(1) == labels_a).mean())
 
     accuracy = acc(lls_a)
-    return ClozeResult(items=len(items), accuracy=accuracy, accuracy_norm=acc(lls_a / np.asarray(byte_lens)),
+    return ClozeResult(items=len(items), accuracy=accuracy, accuracy_norm=acc(lls_a / np.asarray(char_lens)),
                        accuracy_per_token=acc(lls_a / np.asarray(tok_lens)),
                        stderr=math.sqrt(accuracy * (1 - accuracy) / len(items)),
                        mean_nll_true=float(np.mean(true_nll)), seconds=time.perf_counter() - start,
@@ -580,7 +587,10 @@ def run_lm_eval(model: str | Path | torch.nn.Module, tasks: str | Sequence[str],
         for p in includes:
             if not Path(p).exists():
                 raise EvalError(f"lm-eval include path {p} does not exist; pass a folder of task YAML files")
-    manager = TaskManager(include_path=includes, verbosity="ERROR")
+    # Indexing lm-eval's own few thousand task files takes seconds: skip it when the local ones suffice.
+    manager = TaskManager(include_path=includes, include_defaults=False) if includes else None
+    if manager is None or any(t not in manager.all_tasks for t in task_list):
+        manager = TaskManager(include_path=includes)
     unknown = [t for t in task_list if t not in manager.all_tasks]
     if unknown:
         raise EvalError(f"unknown lm-eval task(s) {', '.join(unknown)}; check the names "
@@ -628,6 +638,16 @@ class EvalSettings:
     progress: bool = False
 
 
+def _check_data(data: Sequence[str]) -> None:
+    from dotmoe_ds.data import DataError, resolve_source
+
+    for spec in data:
+        try:
+            resolve_source(str(spec))
+        except DataError as err:
+            raise EvalError(str(err)) from None
+
+
 def default_heldout_files() -> list[str]:
     from dotmoe_ds.demo import demo_data_files
 
@@ -641,6 +661,14 @@ def evaluate_model(model_dir: str | Path, settings: EvalSettings = EvalSettings(
     `model`/`tokenizer` (in memory) replace loading `model_dir`; `cloze` and `blocks` reuse items and
     packed text built once for several models."""
     data = settings.data or default_heldout_files()
+    # Every input is checked before the model loads, so a typo fails in a second, not after minutes.
+    documents = read_text_files(data) if settings.cloze_items > 0 and cloze is None else None
+    if settings.ppl_blocks >= 0 and blocks is None:
+        _check_data(data)
+    if settings.lm_eval_include:
+        for p in settings.lm_eval_include:
+            if not Path(p).exists():
+                raise EvalError(f"lm-eval include path {p} does not exist; pass a folder of task YAML files")
     if model is None:
         model, tokenizer = load_model(model_dir)
     elif tokenizer is None:
@@ -656,13 +684,16 @@ def evaluate_model(model_dir: str | Path, settings: EvalSettings = EvalSettings(
         result["perplexity"] = {**ppl.to_dict(), "seq_len": int(blocks.shape[1]),
                                 "seconds": time.perf_counter() - start}
     if settings.cloze_items > 0:
+        config = None
         if cloze is None:
-            cloze = build_cloze(data, tokenizer, ClozeConfig(n_items=settings.cloze_items, seed=settings.cloze_seed))
+            config = ClozeConfig(n_items=settings.cloze_items, seed=settings.cloze_seed)
+            cloze = build_cloze_from_texts(documents, tokenizer, config)
         result["cloze"] = score_cloze(model, tokenizer, cloze, method=settings.cloze_method,
                                       progress=settings.progress).to_dict()
+        if config is not None:
+            result["cloze"]["config"] = asdict(config)
     if settings.lm_eval_tasks:
-        target = model if model_dir is None else model_dir
-        result["lm_eval"] = run_lm_eval(target, settings.lm_eval_tasks, tokenizer=tokenizer,
+        result["lm_eval"] = run_lm_eval(model, settings.lm_eval_tasks, tokenizer=tokenizer,
                                         include_path=settings.lm_eval_include, limit=settings.lm_eval_limit)
     return result
 
@@ -676,7 +707,7 @@ def format_table(result: dict) -> str:
     if "cloze" in result:
         c = result["cloze"]
         rows.append((f"cloze accuracy ({c['items']} items)", f"{c['accuracy']:.4f} +- {c['stderr']:.4f}"))
-        rows.append(("cloze accuracy, per-byte normalised", f"{c['accuracy_norm']:.4f}"))
+        rows.append(("cloze accuracy, length-normalised", f"{c['accuracy_norm']:.4f}"))
     for task, metrics in result.get("lm_eval", {}).items():
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and "stderr" not in name:

@@ -361,6 +361,33 @@ def coactivation_partition(activations: Tensor, spec: MoESpec, seed: int,
     return _partition_with_shared(spec, importance, cluster)
 
 
+def importance_partition(importance: Tensor, spec: MoESpec) -> Tensor:
+    """Importance-stratified partition *(ours)*: neurons sorted by `importance` (highest first) fill
+    the shared expert, then expert 0, expert 1, ... in that order, each to its capacity.
+
+    Why: structured pruning to the same budget is the strongest untrained baseline (anchors), and
+    with this partition a router that picks experts 0..k-1 for every token *is* that pruning; a
+    router fitted to the experts' output norms (lstsq) starts close to it and training can only add
+    token-dependent choices. Measured untrained on SmolLM2-135M, E=8, k=4, calibration-side text
+    (Mansfield Park, 4k tokens), lstsq router: 126.7 perplexity vs 2,028 for balanced k-means and
+    101.5 for pruning itself (dense 36.6).
+    importance: `[d_ff]`, e.g. `activation_importance(h, W_d, p=2)`. Ties go to the lower index.
+    """
+    _check_importance(importance, spec)
+    imp = importance.detach().float().cpu()
+    # stable descending order: ties keep the lower neuron index first
+    order = torch.sort(-imp, stable=True).indices
+    partition = torch.empty(spec.d_ff, dtype=torch.long)
+    columns = ([spec.num_experts] if spec.has_shared else []) + list(range(spec.num_experts))
+    start = 0
+    for col in columns:
+        cap = spec.column_capacities[col]
+        partition[order[start:start + cap]] = col
+        start += cap
+    check_partition(partition, spec)
+    return partition
+
+
 # ----------------------------------------------------------------------------- assignment scores
 
 def initial_scores(partition: Tensor, spec: MoESpec, beta: float) -> Tensor:

@@ -432,12 +432,14 @@ def init_layer(layer: DotMoEFFN, i: int, cfg: RunConfig, weights: tuple, x: torc
     spec, m = layer.spec, cfg.moe
     seed = cfg.train.seed * 1_000_003 + i
     h = None
-    if cfg.partition == "coactivation" or m.router_init == "lstsq":
+    if cfg.partition in ("coactivation", "importance") or m.router_init == "lstsq":
         h = layer.act_fn(x @ g.T) * (x @ u.T)
     if cfg.partition == "random":
         part = partition_lib.random_partition(spec, seed)
     elif cfg.partition == "kmeans":
         part = partition_lib.kmeans_partition(g, u, spec, seed, down_weight=d)
+    elif cfg.partition == "importance":
+        part = partition_lib.importance_partition(partition_lib.activation_importance(h, d, p=2), spec)
     else:
         part = partition_lib.coactivation_partition(h, spec, seed, down_weight=d)
     if m.router_init == "zero":

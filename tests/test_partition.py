@@ -391,3 +391,27 @@ def test_shape_mismatches_fail_with_clear_messages():
         fit_router_lstsq(torch.randn(10, 4), torch.rand(9, 2))
     with pytest.raises(ValueError, match="confidence must be in"):
         beta_for_confidence(0.1, 8)
+
+
+def test_importance_partition_fills_experts_by_rank_and_equals_pruning_under_fixed_routing():
+    """Experts take the neurons in importance order (shared expert first); a router that always picks
+    experts 0..k-1 keeps exactly the k*c most important neurons, i.e. structured pruning."""
+    from dotmoe_ds.partition import importance_partition
+
+    torch.manual_seed(3)
+    importance = torch.rand(48)
+    importance[5] = importance[7] = 2.0          # a tie: the lower index goes first
+    spec = MoESpec.uniform(48, 4, top_k=2)
+    part = importance_partition(importance, spec)
+    order = torch.sort(-importance, stable=True).indices
+    assert order[0] == 5 and order[1] == 7
+    assert part[order[:12]].eq(0).all() and part[order[12:24]].eq(1).all() and part[order[36:]].eq(3).all()
+    kept = torch.nonzero(part < spec.top_k).squeeze(1)
+    assert sorted(kept.tolist()) == sorted(torch.topk(importance, 24).indices.tolist())
+    shared_spec = MoESpec.custom(48, [10, 10, 10], top_k=1, shared=18)
+    part = importance_partition(importance, shared_spec)
+    assert sorted(torch.nonzero(part == 3).squeeze(1).tolist()) == sorted(order[:18].tolist())
+    assert part[order[18:28]].eq(0).all()
+    assert torch.bincount(part, minlength=4).tolist() == [10, 10, 10, 18]
+    with pytest.raises(ValueError):
+        importance_partition(importance[:40], spec)
