@@ -18,9 +18,7 @@ Everything here is pure torch; the trainer does the layer-parallel calibration a
 from __future__ import annotations
 
 import contextlib
-import os
 import shlex
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from . import layer as layer_lib
-from .export import (DEFAULT_MAX_SHARD_BYTES, FORMAT_VERSION, TOKENIZER_FILES, ExportError, ExportResult, Gather,
-                     ParamCounts, _add_legacy_config_keys, _move_into_place, _Planned, _shape, _StreamingShardWriter,
-                     _units, _write_generation_config, _write_json, check_output_dir)
+from .export import (DEFAULT_MAX_SHARD_BYTES, FORMAT_VERSION, ExportError, ExportResult, Gather, ParamCounts,
+                     _Planned, _shape, _units, check_output_dir, publish, stream_units)
 from .families import FamilyAdapter
 from .spec import MoESpec
 
@@ -296,68 +293,39 @@ def export_pruned(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, outpu
                 plan.append(_Planned(name, shape, dtype))
                 mlp_names.add(name)
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if is_writer:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    writer = _StreamingShardWriter(tmp, plan, max_shard_bytes, enabled=is_writer)
-    layers_meta = []
-    try:
-        for unit in units:
-            with gather(unit.params):
-                for name, t in unit.tensors:
-                    writer.write(name, t)
-                if unit.mlp is not None:
-                    w = unit.mlp.materialise()
-                    for name, t in zip(adapter.dense_mlp_tensor_names(unit.layer_idx), (w.gate, w.up, w.down)):
-                        writer.write(name, t)
-                    layers_meta.append({"layer": unit.layer_idx, "kept": w.kept.tolist()})
-                    del w
-        index = writer.close()
-    except BaseException:
-        writer.abort()
-        if is_writer:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    def write_mlp(unit, write) -> dict:
+        w = unit.mlp.materialise()
+        for name, t in zip(adapter.dense_mlp_tensor_names(unit.layer_idx), (w.gate, w.up, w.down)):
+            write(name, t)
+        return {"layer": unit.layer_idx, "kept": w.kept.tolist()}
 
+    tmp, index, layers_meta = stream_units(out, units, plan, gather=gather, is_writer=is_writer,
+                                           max_shard_bytes=max_shard_bytes, tensor_name=lambda name: name,
+                                           write_mlp=write_mlp)
     params = _count_params(plan, mlp_names, spec.d_ff, hidden, len(mlps))
     result = ExportResult(out, params, sorted(set(index["weight_map"].values())))
     if not is_writer:
         return result
-    try:
-        target_config.save_pretrained(tmp)
-        _add_legacy_config_keys(tmp / "config.json")
-        _write_generation_config(model, target_config, source_dir, tmp)
-        if source_dir is not None:
-            for fname in TOKENIZER_FILES:
-                if (Path(source_dir) / fname).is_file():
-                    shutil.copy2(Path(source_dir) / fname, tmp / fname)
-        source = str(source_dir) if source_dir is not None else getattr(dense_config, "_name_or_path", "") or None
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "method": method,
-            "source_model": source,
-            "dense_model_type": dense_config.model_type,
-            "target_model_type": target_config.model_type,
-            "target_architecture": type(model).__name__,
-            "d_ff": spec.d_ff,
-            "intermediate_size": kept,
-            "kept_neurons": kept,
-            "active_ffn_fraction": kept / spec.d_ff,
-            "matched_budget": spec.to_dict(),
-            "importance": {"criterion": IMPORTANCE_CRITERION, "p": IMPORTANCE_P},
-            "params": params.to_dict(),
-            "command": command if command is not None else shlex.join([sys.executable, *sys.argv]),
-            "layers": layers_meta,
-            **({"extra": extra_meta} if extra_meta else {}),
-        }
-        _write_json(tmp / "dotmoe.json", meta)
-        (tmp / "README.md").write_text(_model_card(meta))
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    source = str(source_dir) if source_dir is not None else getattr(dense_config, "_name_or_path", "") or None
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "source_model": source,
+        "dense_model_type": dense_config.model_type,
+        "target_model_type": target_config.model_type,
+        "target_architecture": type(model).__name__,
+        "d_ff": spec.d_ff,
+        "intermediate_size": kept,
+        "kept_neurons": kept,
+        "active_ffn_fraction": kept / spec.d_ff,
+        "matched_budget": spec.to_dict(),
+        "importance": {"criterion": IMPORTANCE_CRITERION, "p": IMPORTANCE_P},
+        "params": params.to_dict(),
+        "command": command if command is not None else shlex.join([sys.executable, *sys.argv]),
+        "layers": layers_meta,
+        **({"extra": extra_meta} if extra_meta else {}),
+    }
+    publish(tmp, out, model, target_config, source_dir, meta, _model_card(meta))
     return result
 
 

@@ -276,6 +276,36 @@ def export_moe(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, output_d
                 plan.append(_Planned(name, shape, dtype))
                 moe_names.add(name)
 
+    def write_mlp(unit, write) -> dict:
+        weights = unit.mlp.materialise()
+        _check_layer(weights, spec, unit.layer_idx)
+        for name, t in adapter.moe_tensors(unit.layer_idx, weights, expert_size):
+            write(name, t)
+        return _layer_meta(unit.layer_idx, weights)
+
+    tmp, index, layers_meta = stream_units(out, units, plan, gather=gather, is_writer=is_writer,
+                                           max_shard_bytes=max_shard_bytes, tensor_name=adapter.dense_to_target_name,
+                                           write_mlp=write_mlp)
+    params = _count_params(plan, moe_names, spec, expert_size, hidden, len(layers_meta))
+    result = ExportResult(out, params, sorted(set(index["weight_map"].values())))
+    if not is_writer:
+        return result
+    source = str(source_dir) if source_dir is not None else getattr(dense_config, "_name_or_path", "") or None
+    command = command if command is not None else shlex.join([sys.executable, *sys.argv])
+    meta = _dotmoe_meta(adapter, spec, expert_size, method, source, dense_config, params, layers_meta, command,
+                        extra_meta)
+    publish(tmp, out, model, target_config, source_dir, meta, _model_card(meta))
+    log.info("exported %s to %s (%d shard(s))", adapter.target_architecture, out, len(result.shards))
+    return result
+
+
+def stream_units(out: Path, units: list, plan: list[_Planned], *, gather: Gather, is_writer: bool,
+                 max_shard_bytes: int, tensor_name: Callable[[str], str],
+                 write_mlp: Callable[[Any, Callable[[str, torch.Tensor], None]], dict]) -> tuple[Path, dict, list]:
+    """Stream every unit (its parameters gathered, one unit at a time) into safetensors shards in a
+    temporary sibling of `out`: the unit's plain tensors under `tensor_name(name)`, then its MLP
+    through `write_mlp(unit, write)`, which returns the layer's dotmoe.json record. Returns
+    (temporary folder, shard index, layer records); on any failure the folder is removed."""
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if is_writer:
         if tmp.exists():
@@ -287,14 +317,9 @@ def export_moe(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, output_d
         for unit in units:
             with gather(unit.params):
                 for name, t in unit.tensors:
-                    writer.write(adapter.dense_to_target_name(name), t)
+                    writer.write(tensor_name(name), t)
                 if unit.mlp is not None:
-                    weights = unit.mlp.materialise()
-                    _check_layer(weights, spec, unit.layer_idx)
-                    for name, t in adapter.moe_tensors(unit.layer_idx, weights, expert_size):
-                        writer.write(name, t)
-                    layers_meta.append(_layer_meta(unit.layer_idx, weights))
-                    del weights
+                    layers_meta.append(write_mlp(unit, writer.write))
             log.info("exported %s", f"layer {unit.layer_idx}" if unit.layer_idx is not None
                      else unit.tensors[0][0])
         index = writer.close()
@@ -303,11 +328,13 @@ def export_moe(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, output_d
         if is_writer:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return tmp, index, layers_meta
 
-    params = _count_params(plan, moe_names, spec, expert_size, hidden, len(layers_meta))
-    result = ExportResult(out, params, sorted(set(index["weight_map"].values())))
-    if not is_writer:
-        return result
+
+def publish(tmp: Path, out: Path, model: nn.Module, target_config, source_dir: str | Path | None, meta: dict,
+            card: str) -> None:
+    """Complete the streamed folder `tmp` (config, generation config, tokenizer files of `source_dir`,
+    dotmoe.json `meta`, model card) and move it into place as `out` atomically."""
     try:
         target_config.save_pretrained(tmp)
         _add_legacy_config_keys(tmp / "config.json")
@@ -316,18 +343,12 @@ def export_moe(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, output_d
             for fname in TOKENIZER_FILES:
                 if (Path(source_dir) / fname).is_file():
                     shutil.copy2(Path(source_dir) / fname, tmp / fname)
-        source = str(source_dir) if source_dir is not None else getattr(dense_config, "_name_or_path", "") or None
-        command = command if command is not None else shlex.join([sys.executable, *sys.argv])
-        meta = _dotmoe_meta(adapter, spec, expert_size, method, source, dense_config, params, layers_meta, command,
-                            extra_meta)
         _write_json(tmp / "dotmoe.json", meta)
-        (tmp / "README.md").write_text(_model_card(meta))
+        (tmp / "README.md").write_text(card)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("exported %s to %s (%d shard(s))", adapter.target_architecture, out, len(result.shards))
-    return result
 
 
 def _check_layer(weights: ExpertWeights, spec: MoESpec, layer_idx: int) -> None:

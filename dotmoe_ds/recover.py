@@ -39,15 +39,15 @@ from dotmoe_ds import distributed as dist
 from dotmoe_ds.autoep_compat import apply_autoep_compat
 from dotmoe_ds.checkpoint import (EXIT_REQUEUE, CheckpointError, CheckpointInfo, StopSignal, checkpoint_dir,
                                   load_checkpoint, rng_state, save_checkpoint, set_rng_state)
-from dotmoe_ds.config import ConfigError, RunConfig, load_ds_config, precision_dtype, resolve_ds_config, zero_stage
+from dotmoe_ds.config import RunConfig, load_ds_config, precision_dtype, resolve_ds_config, zero_stage
 from dotmoe_ds.data import DataConfig, DataError, PackedData, check_config, prepare_data, train_batches
 from dotmoe_ds.evaluate import perplexity, token_nll
 from dotmoe_ds.export import (TOKENIZER_FILES, ExportError, _move_into_place, _Planned, _StreamingShardWriter,
                               _write_json, check_output_dir, read_dotmoe)
 from dotmoe_ds.families import ADAPTERS, FamilyAdapter
 from dotmoe_ds.monitor import Monitor, Throughput, memory_gb
-from dotmoe_ds.train import (PreflightError, _check_resume_config, _data_config, _load_model_config, _output_action,
-                             _prepare_output, _say)
+from dotmoe_ds.train import (PreflightError, _data_config, _load_model_config, _output_action, _say, launch,
+                             open_run)
 
 # The settings a resumed recovery must share with the run it continues, besides train.RESUME_KEYS:
 # the expert-parallel size fixes how the experts are partitioned in the checkpoint.
@@ -504,31 +504,12 @@ def _recovery_card(rec: dict) -> str:
 # ====================================================================== the run
 
 def run_recovery(cfg: RunConfig) -> int:
-    wall_start = time.perf_counter()
-    dist.set_threads(cfg.train.threads)
-    plan = preflight_recovery(cfg)
-    info = dist.init_distributed()
-    try:
-        return _run(plan, info, wall_start)
-    finally:
-        dist.shutdown()
+    return launch(cfg, preflight_recovery, _run)
 
 
 def _run(plan: RecoveryPlan, info: dist.DistInfo, wall_start: float) -> int:
-    import logging
-
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
     cfg = plan.cfg
-    torch.manual_seed(cfg.train.seed)
-    if info.is_main:
-        _prepare_output(plan)
-    dist.barrier()
-    bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    ds = resolve_ds_config(plan.ds_raw, cfg, info.world_size, plan.output / "tensorboard", bf16_ok)
-    if info.is_main:
-        (plan.output / "ds_config.json").write_text(json.dumps(ds, indent=1) + "\n")
+    ds = open_run(plan, info)
     experts = num_experts_of(plan.hf_config)
     _say(f"{plan.action} recovery run: {plan.model_path} ({plan.hf_config.model_type}, {experts} experts, "
          f"top-{plan.hf_config.num_experts_per_tok}), {info.world_size} rank(s), expert-parallel size "

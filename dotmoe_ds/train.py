@@ -32,7 +32,6 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.path.insert(0, _root)
 
-import contextlib
 import json
 import math
 import os
@@ -738,34 +737,47 @@ def _say(msg: str) -> None:
         print(f"[dotmoe] {msg}", flush=True)
 
 
-def run(cfg: RunConfig) -> int:
+def launch(cfg: RunConfig, preflight_fn, body) -> int:
+    """The frame of a phase: threads, `preflight_fn(cfg)` (before any process group exists, so a bad
+    flag costs nothing), the process group, `body(plan, info, wall_start)`, and always the shutdown."""
     wall_start = time.perf_counter()
     dist.set_threads(cfg.train.threads)
-    plan = preflight(cfg)
+    plan = preflight_fn(cfg)
     info = dist.init_distributed()
     try:
-        return _run(plan, info, wall_start)
+        return body(plan, info, wall_start)
     finally:
         dist.shutdown()
 
 
-def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
+def open_run(plan, info: dist.DistInfo) -> dict:
+    """Seeds, lets rank 0 prepare OUTPUT (config.json), and resolves the DeepSpeed config for this
+    world (written to OUTPUT/ds_config.json). Collective. `plan` needs .cfg, .output, .action, .ds_raw."""
     import logging
 
-    import deepspeed
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
-
-    cfg = plan.cfg
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(plan.cfg.train.seed)
     if info.is_main:
         _prepare_output(plan)
     dist.barrier()
     bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    ds = resolve_ds_config(plan.ds_raw, cfg, info.world_size, plan.output / "tensorboard", bf16_ok)
+    ds = resolve_ds_config(plan.ds_raw, plan.cfg, info.world_size, plan.output / "tensorboard", bf16_ok)
     if info.is_main:
         (plan.output / "ds_config.json").write_text(json.dumps(ds, indent=1) + "\n")
+    return ds
+
+
+def run(cfg: RunConfig) -> int:
+    return launch(cfg, preflight, _run)
+
+
+def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
+    import deepspeed
+
+    cfg = plan.cfg
+    ds = open_run(plan, info)
     _say(f"{plan.action} run: {cfg.model.model} ({plan.hf_config.model_type}, {plan.adapter.describe()}), "
          f"{info.world_size} rank(s), ZeRO stage {zero_stage(ds)}, {precision_dtype(ds)}; budget "
          f"E={plan.spec.num_experts} k={plan.spec.top_k} shared={plan.spec.shared} "
