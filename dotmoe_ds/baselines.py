@@ -58,7 +58,7 @@ class MethodRun:
 
 _METHODS = (
     MethodRun("dot", {"method": "dot"}, "DOT-MoE: Sinkhorn assignment with STE, learned with the router; "
-              "k-means initialisation", "moe"),
+              "importance-stratified initialisation", "moe"),
     MethodRun("random", {"method": "random"}, "fixed uniformly random capacity-exact partition; router trained",
               "moe"),
     MethodRun("cluster", {"method": "cluster"}, "fixed balanced k-means partition (MoEfication / LLaMA-MoE); "
@@ -70,7 +70,7 @@ _METHODS = (
     MethodRun("dot_no_routing_ste", {"method": "dot", "routing_ste": "false"}, "DOT without the routing STE "
               "(non-selected experts get no gradient)", "moe", ablation_of="dot"),
     MethodRun("dot_random_init", {"method": "dot", "partition": "random"}, "DOT started from a random "
-              "partition instead of k-means", "moe", ablation_of="dot"),
+              "partition instead of the importance-stratified one", "moe", ablation_of="dot"),
 )
 METHOD_REGISTRY: dict[str, MethodRun] = {m.name: m for m in _METHODS}
 

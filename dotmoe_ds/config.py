@@ -79,10 +79,10 @@ class MoEArgs:
     """initial partition: random, kmeans (on the neurons' [W_g; W_u] rows), coactivation (on
     calibration activations), importance (neurons sorted by activation-weighted importance fill
     expert 0, 1, ...: top-k of experts 0..k-1 is structured pruning); auto: random for --method
-    random, kmeans otherwise"""
+    random, kmeans for --method cluster, importance for dot"""
     beta: float = 3.0
     """confidence of the initial partition: Theta = beta * one_hot(partition)"""
-    router_init: str = "gate_mean"
+    router_init: str = "lstsq"
     """gate_mean: mean W_g row of each expert; lstsq: least-squares fit to each expert's output
     norm on calibration tokens; zero: uniform gates. Both fits are scaled to near-uniform gates"""
     router_logit_std: float = 0.1
@@ -209,7 +209,9 @@ class RunConfig:
     def partition(self) -> str:
         if self.moe.partition != "auto":
             return self.moe.partition
-        return "random" if self.moe.method == "random" else "kmeans"
+        # DOT starts next to pruning (see partition.importance_partition); the baselines keep the
+        # partition METHOD.md section 7 names.
+        return {"random": "random", "cluster": "kmeans"}.get(self.moe.method, "importance")
 
 
 def _sections() -> dict[str, type]:

@@ -156,10 +156,10 @@ def test_registry_names_and_flags_parse_to_the_intended_runs():
     reg = baselines.describe_methods()
     assert list(reg) == ["dot", "random", "cluster", "prune", "dot_no_sinkhorn", "dot_no_routing_ste",
                          "dot_random_init"]
-    expect = {"dot": ("dot", "sinkhorn", True, "kmeans"), "random": ("random", "sinkhorn", True, "random"),
-              "cluster": ("cluster", "sinkhorn", True, "kmeans"), "prune": ("prune", "sinkhorn", True, "kmeans"),
-              "dot_no_sinkhorn": ("dot", "softmax", True, "kmeans"),
-              "dot_no_routing_ste": ("dot", "sinkhorn", False, "kmeans"),
+    expect = {"dot": ("dot", "sinkhorn", True, "importance"), "random": ("random", "sinkhorn", True, "random"),
+              "cluster": ("cluster", "sinkhorn", True, "kmeans"), "prune": ("prune", "sinkhorn", True, "importance"),
+              "dot_no_sinkhorn": ("dot", "softmax", True, "importance"),
+              "dot_no_routing_ste": ("dot", "sinkhorn", False, "importance"),
               "dot_random_init": ("dot", "sinkhorn", True, "random")}
     for name, run in reg.items():
         cfg = parse_args(baselines.method_argv(name))

@@ -16,7 +16,9 @@ def test_defaults_are_the_embedded_demo():
     cfg = parse_args([])
     assert cfg.model.model == "demo" and cfg.data.data == "demo"
     assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.shared_neurons, cfg.moe.method) == (8, 4, 0, "dot")
-    assert cfg.partition == "kmeans"
+    assert cfg.partition == "importance" and cfg.moe.router_init == "lstsq"
+    assert parse_args(["--method", "cluster"]).partition == "kmeans"
+    assert parse_args(["--method", "random"]).partition == "random"
     assert not cfg.checkpoint.resume and not cfg.checkpoint.overwrite
 
 
