@@ -1,7 +1,9 @@
 """The quality study (issue 8): DOT-MoE against random split, clustering and pruning, and against
 its own ablations, on a real model (SmolLM2-135M-Instruct) with the Austen split of the shared data.
 
-    .venv/bin/python tools/quality_study.py                     # CPU setting (about an hour on 2 cores)
+    .venv/bin/python tools/quality_study.py                     # CPU setting (~2 h on 2 cores: 13 runs of
+                                                                # ~6 min training + ~3 min evaluation)
+    .venv/bin/python tools/quality_study.py --only dot_k4,prune_k4   # some runs (--list names them)
     .venv/bin/python tools/quality_study.py --setting full      # the longer setting, for a GPU
     .venv/bin/python tools/quality_study.py --report_only       # rebuild the table and the picture
 
@@ -78,7 +80,7 @@ DOT_FLAGS = {"partition": "importance", "beta": 1.0, "scores_lr_scale": 30.0}
 @dataclass
 class StudyArgs:
     setting: str = "cpu"
-    """cpu (about an hour on 2 CPU cores) or full (a GPU)"""
+    """cpu (~2 h on 2 CPU cores) or full (a GPU)"""
     output: str = "results"
     """where quality.md, quality.png, quality.json and runs/ go"""
     data_dir: str = str(ROOT.parent / "shared" / "data" / "austen")
@@ -103,10 +105,6 @@ class Run:
     method: str               # registry name, e.g. dot, random, cluster, prune, dot_no_sinkhorn
     top_k: int
     flags: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return self.method
 
 
 # Not a method of METHOD.md: DOT's starting partition kept fixed with the router trained, which
@@ -266,7 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     from dotmoe_ds.config import split_command_line
 
     args = StudyArgs()
-    positional, flags = split_command_line(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print("flags: " + ", ".join(f"--{k} (default {v!r})" for k, v in asdict(args).items()))
+        return 0
+    positional, flags = split_command_line(argv)
     if positional:
         raise SystemExit(f"quality study: unexpected argument(s) {positional}: every option is a flag")
     for k, v in flags.items():
