@@ -261,8 +261,6 @@ def export_pruned(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, outpu
     with the same keyword arguments (every rank calls it under ZeRO-3; `is_writer` on one).
     `spec` is the MoE budget the pruning matches; `dotmoe.json` records it and the kept neurons."""
     out = check_output_dir(output_dir, overwrite, source_dir)
-    if source_dir is not None and not Path(source_dir).is_dir():
-        raise ExportError(f"source model directory {source_dir} does not exist")
     dense_config = model.config
     if dtype is None:
         dtype = model.get_input_embeddings().weight.dtype

@@ -78,7 +78,8 @@ class ExportResult:
 
 def check_output_dir(output_dir: str | Path, overwrite: bool = False,
                      source_dir: str | Path | None = None) -> Path:
-    """Refuse an output directory that would lose data, before any expensive work starts."""
+    """Refuse an output directory that would lose data (or a missing source folder), before any
+    expensive work starts."""
     out = Path(output_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ExportError(f"output path {out} exists and is not a directory; choose another --output_dir")
@@ -90,6 +91,8 @@ def check_output_dir(output_dir: str | Path, overwrite: bool = False,
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"output directory {out} already exists and is not empty; pass --overwrite "
                           "to replace it, or choose another --output_dir")
+    if source_dir is not None and not Path(source_dir).is_dir():
+        raise ExportError(f"source model directory {source_dir} does not exist")
     return out
 
 
@@ -253,8 +256,6 @@ def export_moe(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, output_d
     command:      recorded in the model card (default: this process's command line).
     """
     out = check_output_dir(output_dir, overwrite, source_dir)
-    if source_dir is not None and not Path(source_dir).is_dir():
-        raise ExportError(f"source model directory {source_dir} does not exist")
     dense_config = model.config
     if dtype is None:
         dtype = model.get_input_embeddings().weight.dtype

@@ -40,14 +40,14 @@ from dotmoe_ds.autoep_compat import apply_autoep_compat
 from dotmoe_ds.checkpoint import (EXIT_REQUEUE, CheckpointError, CheckpointInfo, StopSignal, checkpoint_dir,
                                   load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from dotmoe_ds.config import RunConfig, load_ds_config, precision_dtype, resolve_ds_config, zero_stage
-from dotmoe_ds.data import DataConfig, DataError, PackedData, check_config, prepare_data, train_batches
+from dotmoe_ds.data import DataConfig, DataError, PackedData, check_config, train_batches
 from dotmoe_ds.evaluate import perplexity, token_nll
 from dotmoe_ds.export import (TOKENIZER_FILES, ExportError, _move_into_place, _Planned, _StreamingShardWriter,
                               _write_json, check_output_dir, read_dotmoe)
 from dotmoe_ds.families import ADAPTERS, FamilyAdapter
 from dotmoe_ds.monitor import Monitor, Throughput, memory_gb
 from dotmoe_ds.train import (PreflightError, _data_config, _load_model_config, _output_action, _say, launch,
-                             open_run)
+                             load_data, open_run)
 
 # The settings a resumed recovery must share with the run it continues, besides train.RESUME_KEYS:
 # the expert-parallel size fixes how the experts are partitioned in the checkpoint.
@@ -515,10 +515,7 @@ def _run(plan: RecoveryPlan, info: dist.DistInfo, wall_start: float) -> int:
          f"top-{plan.hf_config.num_experts_per_tok}), {info.world_size} rank(s), expert-parallel size "
          f"{plan.ep_size} ({experts // plan.ep_size} experts per rank), ZeRO stage {zero_stage(ds)}, "
          f"{precision_dtype(ds)}, trainable {cfg.objective.trainable}; output {plan.output}")
-    with dist.main_first():
-        packed = prepare_data(plan.data_cfg, plan.tokenizer, getattr(plan.hf_config, "max_position_embeddings", None))
-    _say(f"data: {len(packed.train)} training blocks, {0 if packed.eval is None else len(packed.eval)} held-out "
-         f"blocks of {cfg.data.seq_len} tokens")
+    packed = load_data(plan)
     engine, hf_ds = build_engine(plan, ds)
 
     stop = StopSignal().install()

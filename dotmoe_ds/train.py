@@ -769,6 +769,16 @@ def open_run(plan, info: dist.DistInfo) -> dict:
     return ds
 
 
+def load_data(plan) -> PackedData:
+    """Tokenised, packed training and held-out blocks (rank 0 builds the cache, the others then read
+    it), logged. `plan` needs .cfg, .data_cfg, .tokenizer, .hf_config."""
+    with dist.main_first():
+        packed = prepare_data(plan.data_cfg, plan.tokenizer, getattr(plan.hf_config, "max_position_embeddings", None))
+    _say(f"data: {len(packed.train)} training blocks, {0 if packed.eval is None else len(packed.eval)} held-out "
+         f"blocks of {plan.cfg.data.seq_len} tokens")
+    return packed
+
+
 def run(cfg: RunConfig) -> int:
     return launch(cfg, preflight, _run)
 
@@ -783,10 +793,7 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
          f"E={plan.spec.num_experts} k={plan.spec.top_k} shared={plan.spec.shared} "
          f"({plan.spec.active_fraction:.0%} of the FFN active); output {plan.output}")
 
-    with dist.main_first():
-        packed = prepare_data(plan.data_cfg, plan.tokenizer, getattr(plan.hf_config, "max_position_embeddings", None))
-    _say(f"data: {len(packed.train)} training blocks, {0 if packed.eval is None else len(packed.eval)} held-out "
-         f"blocks of {cfg.data.seq_len} tokens")
+    packed = load_data(plan)
 
     model, layers, hf_ds = build_model(plan, ds)
     # The router and assignment machinery (aux losses, monitors, frozen scores) runs on the DOT-MoE
