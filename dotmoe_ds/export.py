@@ -232,6 +232,7 @@ def _units(model: nn.Module, adapter: FamilyAdapter) -> list[_Unit]:
         prefix = adapter.layer_prefix(i)
         tensors = [(prefix + n, t) for n, t in layer.state_dict(keep_vars=True).items()
                    if not n.startswith("mlp.")]
+        tensors += adapter.added_layer_tensors(i, model.config, torch.float32)   # e.g. zero q/k/v biases
         units.append(_Unit(list(layer.parameters()), tensors, layer_idx=i, mlp=mlp))
     return units + after
 
@@ -256,6 +257,7 @@ def export_moe(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, output_d
     command:      recorded in the model card (default: this process's command line).
     """
     out = check_output_dir(output_dir, overwrite, source_dir)
+    adapter = adapter.for_spec(spec)   # e.g. Llama with a shared expert exports to Qwen2-MoE
     dense_config = model.config
     if dtype is None:
         dtype = model.get_input_embeddings().weight.dtype

@@ -3,9 +3,13 @@
 Each supported dense family has one adapter (METHOD.md section 6):
 
     llama, mistral  ->  Mixtral    (MixtralForCausalLM)
+                        with a shared expert: Qwen2-MoE (Qwen2MoeForCausalLM, zero q/k/v biases)
     qwen2           ->  Qwen2-MoE  (Qwen2MoeForCausalLM, shared expert supported)
-    qwen3           ->  Qwen3-MoE  (Qwen3MoeForCausalLM)
-    olmo2           ->  FlexOlmo   (FlexOlmoForCausalLM)
+    qwen3           ->  Qwen3-MoE  (Qwen3MoeForCausalLM, no shared expert: no exact target)
+    olmo2           ->  FlexOlmo   (FlexOlmoForCausalLM, no shared expert: no exact target)
+
+A family whose usual target has no shared expert may name a second adapter for conversions that
+have one (`shared_expert_adapter`); `for_spec(spec)` picks the adapter that exports a budget.
 
 An adapter knows the dense model_types it accepts, how to reach each decoder layer's MLP and its
 SwiGLU parts, how to build the target's config from the dense config and a `MoESpec`, and the
@@ -95,6 +99,9 @@ class FamilyAdapter:
     target_architecture: ClassVar[str]
     layout: ClassVar[MoETensorLayout]
     supports_shared_expert: ClassVar[bool] = False
+    # The adapter that exports this family's conversions with a shared expert, when the usual
+    # target has none (e.g. Llama -> Qwen2-MoE); None: `supports_shared_expert` says it all.
+    shared_expert_adapter: ClassVar["FamilyAdapter | None"] = None
     # Factor on the exported shared down projection so the target's shared gate multiplies it by 1.
     shared_down_scale: ClassVar[float] = 1.0
     # Dense-config keys the target does not have, with the value that makes them a no-op there.
@@ -176,13 +183,25 @@ class FamilyAdapter:
         return new
 
     # ------------------------------------------------------------------ checks
+    @property
+    def carries_shared_expert(self) -> bool:
+        """Whether some export target of this family holds a shared expert exactly."""
+        return self.supports_shared_expert or self.shared_expert_adapter is not None
+
+    def for_spec(self, spec: MoESpec) -> "FamilyAdapter":
+        """The adapter that exports `spec`: this one, or the family's shared-expert target."""
+        if spec.has_shared and not self.supports_shared_expert and self.shared_expert_adapter is not None:
+            return self.shared_expert_adapter
+        return self
+
     def check_spec(self, spec: MoESpec) -> None:
         if spec.has_shared and not self.supports_shared_expert:
-            with_shared = [a.name for a in ADAPTERS if a.supports_shared_expert]
+            with_shared = [a.name for a in ADAPTERS if a.carries_shared_expert]
             raise FamilyError(
                 f"a shared expert ({spec.shared} neurons) cannot be exported for {self.name}: its target "
-                f"{self.target_architecture} has no shared expert. Set shared_neurons=0; shared experts "
-                f"are supported for: {', '.join(with_shared)}")
+                f"{self.target_architecture} has no shared expert, and no standard architecture was found "
+                f"that carries one exactly with this family's attention (see README, 'Shared experts by "
+                f"family'). Set --shared_neurons 0; shared experts are supported for: {', '.join(with_shared)}")
 
     def check_dense_config(self, config: PretrainedConfig) -> None:
         """Refuse dense settings the target cannot reproduce exactly (before any work is done)."""
@@ -195,6 +214,8 @@ class FamilyAdapter:
 
     def validate(self, config: PretrainedConfig, spec: MoESpec) -> None:
         """Every check that needs no weights: call it before loading or training."""
+        if self.for_spec(spec) is not self:
+            return self.for_spec(spec).validate(config, spec)
         self.check_dense_config(config)
         self.check_spec(spec)
         d_ff = config.intermediate_size
@@ -231,6 +252,9 @@ class FamilyAdapter:
         field for is an error unless it has its neutral value (e.g. attention_bias=False for Mixtral)."""
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+        if self.for_spec(spec) is not self:
+            return self.for_spec(spec).target_config(config, spec, expert_size=expert_size,
+                                                     router_aux_loss_coef=router_aux_loss_coef, dtype=dtype)
         self.check_dense_config(config)
         self.check_spec(spec)
         target_cls = CONFIG_MAPPING[self.target_model_type]
@@ -266,7 +290,11 @@ class FamilyAdapter:
                 raise FamilyError(
                     f"{self.target_architecture} changed {key} from {value!r} to {getattr(target, key, None)!r}; "
                     f"the export would not be exact")
+        self._check_target(config, target)
         return target
+
+    def _check_target(self, config: PretrainedConfig, target: PretrainedConfig) -> None:
+        """Family-specific checks of the built target config (settings it derives, not carries)."""
 
     # ------------------------------------------------------------------ on-disk tensors
     def moe_tensor_shapes(self, layer_idx: int, spec: MoESpec, hidden_size: int, expert_size: int
@@ -299,6 +327,12 @@ class FamilyAdapter:
     def _shared_tensors(self, i: int, weights: ExpertWeights) -> Iterator[tuple[str, Tensor]]:
         return iter(())
 
+    def added_layer_tensors(self, layer_idx: int, config: PretrainedConfig, dtype: torch.dtype
+                            ) -> list[tuple[str, Tensor]]:
+        """Tensors the target needs in decoder layer `layer_idx` that the dense model lacks (written
+        after the layer's own non-MLP tensors); none by default."""
+        return []
+
     def dense_to_target_name(self, name: str) -> str:
         """On-disk name in the target of a non-MLP dense tensor (attention, norms, embeddings)."""
         return name
@@ -316,6 +350,114 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
 # ---------------------------------------------------------------------- families
 
 @dataclass(frozen=True)
+class Qwen2MoeTarget(FamilyAdapter):
+    """Export to Qwen2-MoE, the standard architecture with a shared expert.
+
+    Without a shared expert we export shared_expert_intermediate_size=0: transformers builds empty
+    (zero-element) shared-expert linears, which its load report lists as MISSING although there is
+    nothing to load, and vLLM/SGLang build no shared expert at that size, so we store no tensors for
+    it (a loader without a matching parameter could reject them). The shared gate is still written
+    (zeros): both always build it.
+    """
+
+    target_model_type: ClassVar[str] = "qwen2_moe"
+    target_architecture: ClassVar[str] = "Qwen2MoeForCausalLM"
+    layout: ClassVar[MoETensorLayout] = dataclasses.replace(
+        _QWEN_LAYOUT,
+        shared_gate="model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+        shared_up="model.layers.{i}.mlp.shared_expert.up_proj.weight",
+        shared_down="model.layers.{i}.mlp.shared_expert.down_proj.weight",
+        shared_expert_gate="model.layers.{i}.mlp.shared_expert_gate.weight")
+    supports_shared_expert: ClassVar[bool] = True
+    shared_down_scale: ClassVar[float] = 2.0   # sigmoid(0) = 0.5 exactly
+
+    def _moe_fields(self, config, spec, expert_size, router_aux_loss_coef):
+        return dict(intermediate_size=config.intermediate_size,   # unused: every layer is sparse
+                    moe_intermediate_size=expert_size,
+                    shared_expert_intermediate_size=spec.shared, num_experts=spec.num_experts,
+                    num_experts_per_tok=spec.top_k, norm_topk_prob=True, decoder_sparse_step=1,
+                    mlp_only_layers=[], router_aux_loss_coef=router_aux_loss_coef,
+                    output_router_logits=False, qkv_bias=True)   # Qwen2's q/k/v always have biases
+
+    def _shared_shapes(self, i, spec, d):
+        L = self.layout
+        out = []
+        if spec.has_shared:
+            out += [(L.shared_gate.format(i=i), (spec.shared, d)), (L.shared_up.format(i=i), (spec.shared, d)),
+                    (L.shared_down.format(i=i), (d, spec.shared))]
+        return out + [(L.shared_expert_gate.format(i=i), (1, d))]
+
+    def _shared_tensors(self, i, weights):
+        L = self.layout
+        if weights.spec.has_shared:
+            yield L.shared_gate.format(i=i), weights.shared_gate
+            yield L.shared_up.format(i=i), weights.shared_up
+            yield L.shared_down.format(i=i), weights.shared_down * self.shared_down_scale
+        yield L.shared_expert_gate.format(i=i), weights.router.new_zeros(1, weights.router.shape[1])
+
+
+@dataclass(frozen=True)
+class LlamaSharedExpertAdapter(Qwen2MoeTarget):
+    """Llama and Mistral conversions with a shared expert -> Qwen2-MoE (Mixtral has no shared expert).
+
+    Qwen2-MoE's decoder is Llama's (pre-RMSNorm, RoPE, GQA, no o_proj bias) apart from q/k/v biases,
+    which we keep on (qkv_bias=True, as every Qwen2-MoE reader expects) and write as zeros. RoPE
+    parameters (Llama 3's `llama3` scaling included), tied embeddings, GQA, RMSNorm eps, max positions
+    and the activation are carried as fields; `head_dim` is read by transformers' Qwen2-MoE with
+    getattr; Mistral's sliding window (all layers or none) becomes use_sliding_window with every
+    layer_types entry "sliding_attention". Refused: attention_bias=True (Qwen2-MoE's o_proj has no
+    bias) and mlp_bias=True.
+    """
+
+    name: ClassVar[str] = "llama/mistral (shared expert)"
+    dense_model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral")
+    neutral_dense_keys: ClassVar[dict] = {"attention_bias": False}
+    ignored_dense_keys: ClassVar[frozenset[str]] = frozenset({"pretraining_tp"})
+    extra_target_keys: ClassVar[frozenset[str]] = frozenset({"head_dim"})
+
+    def check_dense_config(self, config):
+        super().check_dense_config(config)
+        if getattr(config, "attention_bias", False):
+            raise FamilyError(
+                f"{config.model_type} with attention_bias=True cannot be exported exactly with a shared expert: "
+                f"{self.target_architecture}'s o_proj has no bias. Set --shared_neurons 0 or use a model "
+                "without attention biases")
+
+    def _dense_settings(self, config):
+        settings = super()._dense_settings(config)
+        settings.pop("sliding_window", None)   # becomes use_sliding_window + layer_types below
+        return settings
+
+    def _sliding_window(self, config) -> int | None:
+        return getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+
+    def _moe_fields(self, config, spec, expert_size, router_aux_loss_coef):
+        fields = super()._moe_fields(config, spec, expert_size, router_aux_loss_coef)
+        window = self._sliding_window(config)
+        n = config.num_hidden_layers
+        fields.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=n,
+                      layer_types=["sliding_attention" if window is not None else "full_attention"] * n)
+        return fields
+
+    def _check_target(self, config, target):
+        window = self._sliding_window(config)
+        want = ["sliding_attention" if window is not None else "full_attention"] * config.num_hidden_layers
+        if list(target.layer_types) != want or (window is not None and target.sliding_window != window):
+            raise FamilyError(f"{self.target_architecture} did not take the sliding window {window} on every "
+                              "layer; the export would not be exact")
+
+    def added_layer_tensors(self, layer_idx, config, dtype):
+        q = config.num_attention_heads * _head_dim(config)
+        kv = config.num_key_value_heads * _head_dim(config)
+        prefix = self.layer_prefix(layer_idx) + "self_attn."
+        return [(f"{prefix}{name}_proj.bias", torch.zeros(n, dtype=dtype)) for name, n in (("q", q), ("k", kv), ("v", kv))]
+
+
+def _head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@dataclass(frozen=True)
 class MixtralTargetAdapter(FamilyAdapter):
     """Llama and Mistral: the same decoder as Mixtral's apart from the MoE block."""
 
@@ -331,6 +473,7 @@ class MixtralTargetAdapter(FamilyAdapter):
     neutral_dense_keys: ClassVar[dict] = {"attention_bias": False}
     # A Meta training-time setting that transformers' Llama forward never reads.
     ignored_dense_keys: ClassVar[frozenset[str]] = frozenset({"pretraining_tp"})
+    shared_expert_adapter: ClassVar[FamilyAdapter | None] = LlamaSharedExpertAdapter()
 
     def _moe_fields(self, config, spec, expert_size, router_aux_loss_coef):
         # Mixtral always renormalises the top-k probabilities (no norm_topk_prob switch).
@@ -353,58 +496,17 @@ class MistralAdapter(MixtralTargetAdapter):
 
 
 @dataclass(frozen=True)
-class Qwen2Adapter(FamilyAdapter):
-    """Qwen2 / Qwen2.5 -> Qwen2-MoE, the one target with a shared expert.
-
-    Without a shared expert we export shared_expert_intermediate_size=0: transformers builds empty
-    (zero-element) shared-expert linears, which its load report lists as MISSING although there is
-    nothing to load, and vLLM/SGLang build no shared expert at that size, so we store no tensors for
-    it (a loader without a matching parameter could reject them). The shared gate is still written
-    (zeros): both always build it.
-    """
+class Qwen2Adapter(Qwen2MoeTarget):
+    """Qwen2 / Qwen2.5 -> Qwen2-MoE (same attention, q/k/v biases and sliding-window settings)."""
 
     name: ClassVar[str] = "qwen2"
     dense_model_types: ClassVar[tuple[str, ...]] = ("qwen2",)
-    target_model_type: ClassVar[str] = "qwen2_moe"
-    target_architecture: ClassVar[str] = "Qwen2MoeForCausalLM"
-    layout: ClassVar[MoETensorLayout] = dataclasses.replace(
-        _QWEN_LAYOUT,
-        shared_gate="model.layers.{i}.mlp.shared_expert.gate_proj.weight",
-        shared_up="model.layers.{i}.mlp.shared_expert.up_proj.weight",
-        shared_down="model.layers.{i}.mlp.shared_expert.down_proj.weight",
-        shared_expert_gate="model.layers.{i}.mlp.shared_expert_gate.weight")
-    supports_shared_expert: ClassVar[bool] = True
-    shared_down_scale: ClassVar[float] = 2.0   # sigmoid(0) = 0.5 exactly
-
-    def _moe_fields(self, config, spec, expert_size, router_aux_loss_coef):
-        return dict(intermediate_size=config.intermediate_size,   # unused: every layer is sparse
-                    moe_intermediate_size=expert_size,
-                    shared_expert_intermediate_size=spec.shared, num_experts=spec.num_experts,
-                    num_experts_per_tok=spec.top_k, norm_topk_prob=True, decoder_sparse_step=1,
-                    mlp_only_layers=[], router_aux_loss_coef=router_aux_loss_coef,
-                    output_router_logits=False, qkv_bias=True)   # Qwen2's q/k/v always have biases
 
     def _equivalent(self, key, dense_value, target_value, config):
         # Without use_sliding_window the window size is never read; the two configs store None vs 0.
         if key == "sliding_window" and not config.use_sliding_window:
             return True
         return dense_value == target_value
-
-    def _shared_shapes(self, i, spec, d):
-        L = self.layout
-        out = []
-        if spec.has_shared:
-            out += [(L.shared_gate.format(i=i), (spec.shared, d)), (L.shared_up.format(i=i), (spec.shared, d)),
-                    (L.shared_down.format(i=i), (d, spec.shared))]
-        return out + [(L.shared_expert_gate.format(i=i), (1, d))]
-
-    def _shared_tensors(self, i, weights):
-        L = self.layout
-        if weights.spec.has_shared:
-            yield L.shared_gate.format(i=i), weights.shared_gate
-            yield L.shared_up.format(i=i), weights.shared_up
-            yield L.shared_down.format(i=i), weights.shared_down * self.shared_down_scale
-        yield L.shared_expert_gate.format(i=i), weights.router.new_zeros(1, weights.router.shape[1])
 
 
 @dataclass(frozen=True)
