@@ -289,7 +289,9 @@ def export_moe(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, output_d
     tmp, index, layers_meta = stream_units(out, units, plan, gather=gather, is_writer=is_writer,
                                            max_shard_bytes=max_shard_bytes, tensor_name=adapter.dense_to_target_name,
                                            write_mlp=write_mlp)
-    params = _count_params(plan, moe_names, spec, expert_size, hidden, len(layers_meta))
+    # Tensors the target adds (zero q/k/v biases) are not the dense model's.
+    added = {n for i in range(len(layers_meta)) for n, _ in adapter.added_layer_tensors(i, dense_config, dtype)}
+    params = _count_params(plan, moe_names, spec, expert_size, hidden, len(layers_meta), added)
     result = ExportResult(out, params, sorted(set(index["weight_map"].values())))
     if not is_writer:
         return result
@@ -367,7 +369,7 @@ def _layer_meta(layer_idx: int, w: ExpertWeights) -> dict:
 
 
 def _count_params(plan: list[_Planned], moe_names: set[str], spec: MoESpec, expert_size: int,
-                  hidden: int, num_layers: int) -> ParamCounts:
+                  hidden: int, num_layers: int, added: set[str] = frozenset()) -> ParamCounts:
     numel = {p.name: p.nbytes // torch.empty((), dtype=p.dtype).element_size() for p in plan}
     stored = sum(numel.values())
     non_moe = sum(n for name, n in numel.items() if name not in moe_names)
@@ -379,7 +381,8 @@ def _count_params(plan: list[_Planned], moe_names: set[str], spec: MoESpec, expe
     always_on = moe_stored - experts_stored     # router, shared expert, shared gate
     mean_c = sum(spec.capacities) / E
     active = non_moe + always_on + round(num_layers * spec.top_k * mean_c * per_neuron)
-    return ParamCounts(dense=non_moe + num_layers * spec.d_ff * per_neuron,
+    added_numel = sum(n for name, n in numel.items() if name in added)
+    return ParamCounts(dense=non_moe - added_numel + num_layers * spec.d_ff * per_neuron,
                        total=non_moe + always_on + experts_real, active=active, stored=stored)
 
 

@@ -91,17 +91,30 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------- contract 1: exactness
 
-CASES = [(fam, caps, 0) for fam in TINY_FAMILIES for caps in ("uniform", "nonuniform")]
-CASES += [("qwen2", "uniform", 32), ("qwen2", "nonuniform", 24)]
+SHARED_FAMILIES = ("llama", "mistral", "qwen2")
+# Every family x {no shared expert, shared where the family carries one} x {uniform, non-uniform,
+# fine-grained: 20 experts of 4-7 neurons, zero-padded to 8 on disk}.
+CASES = [(fam, caps, 0) for fam in TINY_FAMILIES for caps in ("uniform", "nonuniform", "fine")]
+CASES += [(fam, caps, shared) for fam in SHARED_FAMILIES
+          for caps, shared in (("uniform", 32), ("nonuniform", 24), ("fine", 20))]
+
+
+def budget(kind: str, d_ff: int, shared: int) -> MoESpec:
+    if kind == "uniform":
+        return MoESpec.uniform(d_ff, 4, top_k=2, shared=shared)
+    if kind == "nonuniform":
+        return nonuniform_spec(d_ff, shared)
+    spec = MoESpec.uniform(d_ff, 20, top_k=5, shared=shared)
+    assert spec.max_capacity % 8   # padding is exercised
+    return spec
 
 
 @pytest.mark.parametrize("family,caps,shared", CASES, ids=[f"{f}-{c}-shared{s}" for f, c, s in CASES])
 def test_export_reloads_with_identical_logits(family, caps, shared, tmp_path):
     model = tiny_model(family, seed=3)
     d_ff = model.config.intermediate_size
-    spec = (MoESpec.uniform(d_ff, 4, top_k=2, shared=shared) if caps == "uniform"
-            else nonuniform_spec(d_ff, shared))
-    adapter = convert(model, spec)
+    spec = budget(caps, d_ff, shared)
+    adapter = convert(model, spec).for_spec(spec)
     x = tokens()
     expected = logits(model, x)
 
@@ -116,12 +129,12 @@ def test_export_reloads_with_identical_logits(family, caps, shared, tmp_path):
     assert (logits(model, x) - got).abs().max().item() > 1e-2
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
 def test_shared_expert_refused_where_target_has_none(family, tmp_path):
     model = tiny_model(family)
     spec = MoESpec.uniform(model.config.intermediate_size, 4, top_k=2, shared=16)
     adapter = adapter_for(model.config)
-    with pytest.raises(FamilyError, match="shared expert.*supported for: qwen2"):
+    with pytest.raises(FamilyError, match="shared expert.*supported for: llama, mistral, qwen2"):
         export_moe(model, adapter, spec, tmp_path / "moe")
     assert not (tmp_path / "moe").exists()
 
@@ -143,6 +156,28 @@ def test_llama3_rope_scaling_survives_export(tmp_path):
     assert (logits(moe, x) - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", dict(head_dim=32)),                      # head_dim != hidden / heads (64 / 4)
+    ("mistral", dict(head_dim=8, tie_word_embeddings=True)),
+    ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 8}, max_position_embeddings=64)),
+    ("llama", dict(num_key_value_heads=1, rms_norm_eps=1e-3)),
+], ids=["llama-head_dim", "mistral-head_dim-tied", "llama3-rope", "llama-mqa-eps"])
+def test_llama_shared_expert_export_settings(family, overrides, tmp_path):
+    # The tiny mistral's window (6) is shorter than the 20 test tokens, so the window is exercised.
+    model = tiny_model(family, seed=6, **overrides)
+    spec = budget("fine", model.config.intermediate_size, 16)
+    adapter = convert(model, spec).for_spec(spec)
+    x = tokens()
+    expected = logits(model, x)
+    export_moe(model, adapter, spec, tmp_path / "moe")
+    moe, info = reload(tmp_path / "moe")
+    assert_clean_load(moe, info)
+    assert type(moe).__name__ == "Qwen2MoeForCausalLM"
+    assert (logits(moe, x) - expected).abs().max().item() <= 1e-4
+
+
 # ---------------------------------------------------------------------- contract 2: dense equivalence
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -158,15 +193,28 @@ def test_k_equals_e_zero_router_is_the_dense_model(family, tmp_path):
     assert (logits(moe, x) - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("family", SHARED_FAMILIES)
+def test_every_expert_active_with_shared_expert_is_the_dense_model(family, tmp_path):
+    dense = tiny_model(family, seed=5)
+    x = tokens()
+    expected = logits(dense, x)
+    spec = MoESpec.uniform(dense.config.intermediate_size, 16, top_k=16, shared=24)
+    adapter = convert(dense, spec, router_scale=0.0)
+    assert (logits(dense, x) - expected).abs().max().item() <= 1e-5
+    export_moe(dense, adapter, spec, tmp_path / "moe")
+    moe, _ = reload(tmp_path / "moe")
+    assert (logits(moe, x) - expected).abs().max().item() <= 1e-4
+
+
 # ---------------------------------------------------------------------- dotmoe.json vs weights
 
-@pytest.mark.parametrize("family,shared", [("llama", 0), ("qwen2", 24), ("olmo2", 0)])
+@pytest.mark.parametrize("family,shared", [("llama", 0), ("qwen2", 24), ("olmo2", 0), ("mistral", 24)])
 def test_dotmoe_json_matches_exported_weights(family, shared, tmp_path):
     model = tiny_model(family, seed=2)
     d_ff, d = model.config.intermediate_size, model.config.hidden_size
     spec = nonuniform_spec(d_ff, shared, top_k=2)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    adapter = convert(model, spec, seed=7)
+    adapter = convert(model, spec, seed=7).for_spec(spec)
     dense = [(m.gate_proj.weight.detach().clone(), m.up_proj.weight.detach().clone(),
               m.down_proj.weight.detach().clone()) for m in adapter.mlps(model)]
     export_moe(model, adapter, spec, tmp_path / "moe", max_shard_bytes=20_000)
@@ -178,7 +226,11 @@ def test_dotmoe_json_matches_exported_weights(family, shared, tmp_path):
         kept.discard("lm_head.weight")
     moe_names = {n for i in range(model.config.num_hidden_layers)
                  for n, _ in adapter.moe_tensor_shapes(i, spec, d, meta["expert_intermediate_size"])}
-    assert kept == set(tensors) - moe_names
+    added = {n: t for i in range(model.config.num_hidden_layers)
+             for n, t in adapter.added_layer_tensors(i, model.config, torch.float32)}
+    assert kept == set(tensors) - moe_names - set(added)
+    for name, t in added.items():   # e.g. Qwen2-MoE's q/k/v biases for a Llama-family source: zero
+        assert torch.equal(tensors[name], t) and not t.any()
     for name in kept:
         assert torch.equal(tensors[name], dense_state[name]), name
     C = meta["expert_intermediate_size"]

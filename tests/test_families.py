@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TARGETS = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM",
            "qwen3": "Qwen3MoeForCausalLM", "olmo2": "FlexOlmoForCausalLM"}
+SHARED_FAMILIES = ("llama", "mistral", "qwen2")
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -25,6 +26,11 @@ def test_adapter_for_each_family(family):
     adapter = adapter_for(tiny_config(family))
     assert adapter.name == family and adapter.target_architecture == TARGETS[family]
     assert adapter.supports_shared_expert == (family == "qwen2")
+    assert adapter.carries_shared_expert == (family in SHARED_FAMILIES)
+    shared = MoESpec.uniform(tiny_config(family).intermediate_size, 4, top_k=2, shared=16)
+    if family in ("llama", "mistral"):
+        assert adapter.for_spec(shared).target_architecture == "Qwen2MoeForCausalLM"
+    assert adapter.for_spec(MoESpec.uniform(tiny_config(family).intermediate_size, 4, top_k=2)) is adapter
 
 
 def test_every_adapter_has_a_tiny_model():
@@ -116,11 +122,41 @@ def test_qwen3_sliding_window_on_all_layers_carried():
     assert target.use_sliding_window and target.sliding_window == 4
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
 def test_shared_expert_only_where_supported(family):
     config = tiny_config(family)
     spec = MoESpec.uniform(config.intermediate_size, 4, top_k=2, shared=16)
-    with pytest.raises(FamilyError, match=f"cannot be exported for {family}.*supported for: qwen2"):
+    with pytest.raises(FamilyError, match=f"cannot be exported for {family}.*supported for: llama, mistral, qwen2"):
+        adapter_for(config).validate(config, spec)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_llama_shared_expert_target_config(family):
+    config = tiny_config(family, head_dim=8)
+    spec = MoESpec.uniform(config.intermediate_size, 16, top_k=4, shared=32)
+    adapter = adapter_for(config)
+    adapter.validate(config, spec)
+    target = adapter.target_config(config, spec)
+    assert target.model_type == "qwen2_moe" and target.qkv_bias
+    assert target.shared_expert_intermediate_size == 32 and target.num_experts == 16
+    assert target.head_dim == 8 and target.tie_word_embeddings == config.tie_word_embeddings
+    assert target.rope_parameters == config.rope_parameters and target.rms_norm_eps == config.rms_norm_eps
+    window = 6 if family == "mistral" else None
+    assert target.use_sliding_window == (window is not None)
+    assert target.layer_types == ["sliding_attention" if window else "full_attention"] * 2
+    if window:
+        assert target.sliding_window == window
+    biases = adapter.for_spec(spec).added_layer_tensors(1, config, torch.float32)
+    assert [(n, tuple(t.shape)) for n, t in biases] == [
+        ("model.layers.1.self_attn.q_proj.bias", (32,)), ("model.layers.1.self_attn.k_proj.bias", (16,)),
+        ("model.layers.1.self_attn.v_proj.bias", (16,))]
+    assert all(not t.any() for _, t in biases)
+
+
+def test_llama_attention_bias_refused_with_shared_expert():
+    config = tiny_config("llama", attention_bias=True)
+    spec = MoESpec.uniform(config.intermediate_size, 4, top_k=2, shared=16)
+    with pytest.raises(FamilyError, match="attention_bias=True.*o_proj has no bias.*--shared_neurons 0"):
         adapter_for(config).validate(config, spec)
 
 
