@@ -70,7 +70,17 @@ class MoEArgs:
     top_k: int = 4
     """routed experts active per token"""
     shared_neurons: int = 0
-    """neurons of an always-active shared expert (Qwen2 family only); 0: none"""
+    """neurons of an always-active shared expert (llama, mistral, qwen2; Llama/Mistral then export to
+    Qwen2-MoE); 0: none"""
+    expert_size: int = 0
+    """neurons per routed expert: sets --num_experts to (d_ff - shared_neurons) / expert_size, exactly or
+    refused with the nearest exact sizes; 0: use --num_experts"""
+    active_fraction: float = 0.0
+    """share of the FFN active per token, (shared + k * expert size) / d_ff: sets --top_k exactly or is
+    refused with the nearest exact budgets; 0: use --top_k"""
+    capacities: str = ""
+    """comma-separated neurons of each routed expert (non-uniform experts); with --shared_neurons they
+    must add up to d_ff; empty: equal experts"""
     method: str = "dot"
     """dot: learn the assignment (Sinkhorn + STE) and the router; random / cluster: a fixed random /
     balanced k-means partition with the router trained the same way (same budget, METHOD.md 7);
@@ -326,7 +336,11 @@ def validate(cfg: RunConfig) -> None:
     _choice("text_unit", d.text_unit, ("document", "paragraph", "line"))
     if m.num_experts < 1:
         raise ConfigError(f"--num_experts must be at least 1, got {m.num_experts}")
-    if not 1 <= m.top_k <= m.num_experts:
+    if m.expert_size < 0 or not 0 <= m.active_fraction <= 1:
+        raise ConfigError(f"--expert_size must be >= 0 and --active_fraction in [0, 1] (0: not used), got "
+                          f"{m.expert_size} and {m.active_fraction}")
+    derived = m.expert_size or m.active_fraction or m.capacities   # E and k then checked in the preflight
+    if not derived and not 1 <= m.top_k <= m.num_experts:
         raise ConfigError(f"--top_k={m.top_k} must be between 1 and --num_experts={m.num_experts} "
                           "(k > E selects experts that do not exist); lower --top_k or raise --num_experts")
     if m.shared_neurons < 0:

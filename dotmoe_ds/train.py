@@ -50,7 +50,7 @@ from dotmoe_ds.checkpoint import (EXIT_REQUEUE, CheckpointError, CheckpointInfo,
 from dotmoe_ds.config import (DEMO, ConfigError, RunConfig, load_ds_config, parse_args, precision_dtype,
                               resolve_ds_config, zero_stage)
 from dotmoe_ds.data import DataConfig, DataError, PackedData, check_config, prepare_data, train_batches
-from dotmoe_ds.demo import DemoModelError, demo_data_files, is_demo_alias, resolve_model
+from dotmoe_ds.demo import DemoModelError, demo_data_files, resolve_model
 from dotmoe_ds.evaluate import perplexity, token_nll
 from dotmoe_ds.export import ExportError, export_moe
 from dotmoe_ds.families import FamilyAdapter, FamilyError, adapter_for
@@ -60,7 +60,7 @@ from dotmoe_ds.baselines import PRUNE, PrunedFFN, export_pruned, set_mode   # se
 from dotmoe_ds.monitor import Monitor, RouterAccumulator, Throughput, assignment_stats, memory_gb, router_stats
 from dotmoe_ds import partition as partition_lib
 from dotmoe_ds.sharded_sinkhorn import broadcast_from_owners, select_plan_fn
-from dotmoe_ds.spec import MoESpec, SpecError
+from dotmoe_ds.spec import MoESpec, SpecError, describe_budget, resolve_budget
 
 
 class PreflightError(ValueError):
@@ -214,20 +214,30 @@ def _check_resume_config(cfg: RunConfig, saved_path: Path) -> None:
                              "another --output")
 
 
+def budget_spec(m, d_ff: int) -> MoESpec:
+    """The exact MoESpec of the budget flags (--num_experts/--top_k/--shared_neurons, or --expert_size,
+    --active_fraction, --capacities); a SpecError naming the nearest exact budgets otherwise."""
+    from dotmoe_ds.config import MoEArgs
+    return resolve_budget(d_ff, num_experts=m.num_experts, top_k=m.top_k, shared=m.shared_neurons,
+                          expert_size=m.expert_size, active_fraction=m.active_fraction, capacities=m.capacities,
+                          default_num_experts=MoEArgs.num_experts, default_top_k=MoEArgs.top_k)
+
+
 def preflight(cfg: RunConfig) -> Plan:
     """Every check that needs no weights, no tokenising and no process group."""
     from transformers import AutoTokenizer
 
     world = dist.env_info().world_size
-    action, resume_from = _output_action(cfg, world)
-    model_path = resolve_model(cfg.model.model) if is_demo_alias(cfg.model.model) else cfg.model.model
+    model_path = resolve_model(cfg.model.model)   # packaged aliases (demo, qwen-coder) become folders
     hf_config = _load_model_config(model_path)
     _check_causal_lm(hf_config, cfg.model.model)
     adapter = adapter_for(hf_config)
-    m = cfg.moe
-    d_ff = int(hf_config.intermediate_size)
-    spec = MoESpec.uniform(d_ff, m.num_experts, m.top_k, m.shared_neurons)
+    spec = budget_spec(cfg.moe, int(hf_config.intermediate_size))
     adapter.validate(hf_config, spec)
+    # The resolved budget is what config.json records (and what a resumed run is compared against).
+    cfg.moe.num_experts, cfg.moe.top_k = spec.num_experts, spec.top_k
+    _say(f"budget: {describe_budget(spec)}")
+    action, resume_from = _output_action(cfg, world)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except Exception as err:
