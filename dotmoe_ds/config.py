@@ -89,7 +89,8 @@ class MoEArgs:
     """initial partition: random, kmeans (on the neurons' [W_g; W_u] rows), coactivation (on
     calibration activations), importance (neurons sorted by activation-weighted importance fill
     expert 0, 1, ...: top-k of experts 0..k-1 is structured pruning); auto: random for --method
-    random, kmeans for --method cluster, importance for dot"""
+    random, kmeans for --method cluster, importance for dot; with --shared_neurons, dot uses
+    coactivation (the shared expert takes the most important neurons by activation-weighted norm)"""
     beta: float = 3.0
     """confidence of the initial partition: Theta = beta * one_hot(partition)"""
     router_init: str = "lstsq"
@@ -220,7 +221,10 @@ class RunConfig:
         if self.moe.partition != "auto":
             return self.moe.partition
         # DOT starts next to pruning (see partition.importance_partition); the baselines keep the
-        # partition METHOD.md section 7 names.
+        # partition METHOD.md section 7 names. With a shared expert, DOT starts from the measured best
+        # (anchors): the most important neurons shared, the rest clustered by co-activation.
+        if self.moe.method == "dot" and self.moe.shared_neurons > 0:
+            return "coactivation"
         return {"random": "random", "cluster": "kmeans"}.get(self.moe.method, "importance")
 
 

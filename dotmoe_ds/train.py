@@ -450,7 +450,10 @@ def init_layer(layer: DotMoEFFN, i: int, cfg: RunConfig, weights: tuple, x: torc
     elif cfg.partition == "importance":
         part = partition_lib.importance_partition(partition_lib.activation_importance(h, d, p=2), spec)
     else:
-        part = partition_lib.coactivation_partition(h, spec, seed, down_weight=d)
+        # With a shared expert it takes the neurons of largest activation-weighted RMS norm (the
+        # pruning criterion of baselines.neuron_importance); the rest are clustered by co-activation.
+        importance = partition_lib.activation_importance(h, d, p=2) if spec.has_shared else None
+        part = partition_lib.coactivation_partition(h, spec, seed, down_weight=d, importance=importance)
     if m.router_init == "zero":
         router = torch.zeros(spec.num_experts, g.shape[1])
     elif m.router_init == "gate_mean":

@@ -415,3 +415,31 @@ def test_importance_partition_fills_experts_by_rank_and_equals_pruning_under_fix
     assert torch.bincount(part, minlength=4).tolist() == [10, 10, 10, 18]
     with pytest.raises(ValueError):
         importance_partition(importance[:40], spec)
+
+
+# ---------------------------------------------------------------------- the trainer's default start
+
+def test_default_start_with_a_shared_expert_is_importance_then_coactivation():
+    from dotmoe_ds import train
+    from dotmoe_ds.config import parse_args
+    from dotmoe_ds.layer import DotMoEFFN
+    from dotmoe_ds.tiny_models import tiny_model
+
+    cfg = parse_args(["--shared_neurons", "32", "--num_experts", "8", "--top_k", "2"])
+    assert cfg.partition == "coactivation"
+    assert parse_args(["--num_experts", "8"]).partition == "importance"   # no shared expert: unchanged
+    mlp = tiny_model("llama", seed=1).model.layers[0].mlp
+    spec = MoESpec.uniform(96, 8, top_k=2, shared=32)
+    layer = DotMoEFFN(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, spec)
+    g, u, d = (w.detach().clone() for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight))
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
+    part, router = train.init_layer(layer, 3, cfg, (g, u, d), x)
+    with torch.no_grad():
+        h = mlp.act_fn(x @ g.T) * (x @ u.T)
+    imp = activation_importance(h, d, p=2)
+    shared = set((part == spec.num_experts).nonzero().squeeze(1).tolist())
+    assert shared == set(torch.topk(imp, 32).indices.tolist())          # the most important neurons
+    expected = coactivation_partition(h, spec, cfg.train.seed * 1_000_003 + 3, importance=imp)
+    assert torch.equal(part, expected)                                    # the rest by co-activation
+    assert torch.bincount(part, minlength=spec.num_columns).tolist() == list(spec.column_capacities)
+    assert router.shape == (8, 64) and torch.isfinite(router).all()
