@@ -3,6 +3,7 @@
     python tools/bench_step.py                          # SmolLM2-135M (demo model) if available
     python tools/bench_step.py --model tiny             # a tiny random llama (always available)
     python tools/bench_step.py --model PATH --batch_size 4 --seq_len 256 --repeats 5
+    python tools/bench_step.py --shared_neurons 512 --expert_size 16 --top_k 16 --export_forward
 
 Dense step: forward, cross-entropy, backward, AdamW over every weight (ordinary fine-tuning).
 DOT-MoE step: what `train.py` does by default (method dot): the same network with DotMoEFFN
@@ -11,6 +12,12 @@ plus the load-balancing loss, backward, AdamW over the scores and routers. The t
 (dense, dot, dense, dot, ...) after a warm-up of each, so drift in machine load hits both alike;
 the medians and their ratio are printed (target: ratio <= 1.15). No DeepSpeed: this measures the
 method, not the engine.
+
+Budget: --num_experts/--top_k, or --expert_size and --shared_neurons (fine-grained shared budgets,
+resolved exactly as the trainer does). The Sinkhorn (forward + backward over every layer's scores)
+and the capacity-exact rounding are also timed on their own in the same run, and printed as a share
+of the DOT-MoE step. --export_forward also exports the converted model (hard assignment) and times
+its forward in plain transformers against the dense model's forward on the same tokens.
 """
 from __future__ import annotations
 
@@ -40,13 +47,12 @@ def load_model(name: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train(), name
 
 
-def convert(model, num_experts: int, top_k: int, seed: int):
+def convert(model, spec, seed: int):
     from dotmoe_ds.families import adapter_for
     from dotmoe_ds.layer import DotMoEFFN
     from dotmoe_ds.partition import initial_scores, random_partition
-    from dotmoe_ds.spec import MoESpec
 
-    spec = MoESpec.uniform(model.config.intermediate_size, num_experts, top_k)
+    num_experts = spec.num_experts
     gen = torch.Generator().manual_seed(seed)
 
     def make(i, g, u, d, act):
@@ -69,6 +75,55 @@ def convert(model, num_experts: int, top_k: int, seed: int):
     return layers, params, spec
 
 
+def time_assignment(layers, repeats: int) -> tuple[float, float]:
+    """Median seconds, summed over the layers, of the Sinkhorn plan's forward + backward and of the
+    capacity-exact rounding of the scores (what one STE step adds per optimizer step)."""
+    from dotmoe_ds.sinkhorn import assign_by_score
+
+    sink, rnd = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for layer in layers:
+            layer.plan().sum().backward()
+        sink.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for layer in layers:
+            assign_by_score(layer.scores.detach().float(), layer.spec.column_capacities, layer.refine_rounds)
+        rnd.append(time.perf_counter() - t)
+    for layer in layers:
+        layer.scores.grad = None
+    return statistics.median(sink), statistics.median(rnd)
+
+
+def time_export_forward(dense, conv, spec, ids, repeats: int) -> tuple[float, float, str]:
+    """Median forward seconds of the exported MoE (reloaded with AutoModelForCausalLM) and of the dense
+    model, alternating, same tokens, no grad."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from dotmoe_ds.export import export_moe
+    from dotmoe_ds.families import adapter_for
+    from dotmoe_ds.layer import set_mode
+
+    set_mode(conv, "hard")
+    with tempfile.TemporaryDirectory() as tmp:
+        export_moe(conv, adapter_for(conv.config), spec, Path(tmp) / "moe", command="bench_step")
+        moe = AutoModelForCausalLM.from_pretrained(Path(tmp) / "moe", dtype=torch.float32).eval()
+    dense.eval()
+    tm, td = [], []
+    with torch.no_grad():
+        moe(input_ids=ids, use_cache=False), dense(input_ids=ids, use_cache=False)   # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            dense(input_ids=ids, use_cache=False)
+            td.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            moe(input_ids=ids, use_cache=False)
+            tm.append(time.perf_counter() - t)
+    return statistics.median(tm), statistics.median(td), type(moe).__name__
+
+
 def ce(logits, ids):
     return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:])
 
@@ -80,6 +135,10 @@ def main() -> None:
     ap.add_argument("--seq_len", type=int, default=256)
     ap.add_argument("--num_experts", type=int, default=8)
     ap.add_argument("--top_k", type=int, default=4)
+    ap.add_argument("--shared_neurons", type=int, default=0)
+    ap.add_argument("--expert_size", type=int, default=0, help="sets E = (d_ff - shared) / expert_size")
+    ap.add_argument("--export_forward", action="store_true",
+                    help="also time the exported MoE's forward against the dense forward")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps of each kind")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--seed", type=int, default=0)
@@ -96,7 +155,11 @@ def main() -> None:
         print(f"demo model unavailable ({type(err).__name__}: {err}); using --model tiny")
         dense, name = load_model("tiny")
     conv = copy.deepcopy(dense)
-    layers, conv_params, spec = convert(conv, args.num_experts, args.top_k, args.seed)
+    from dotmoe_ds.spec import describe_budget, resolve_budget
+
+    spec = resolve_budget(dense.config.intermediate_size, num_experts=args.num_experts, top_k=args.top_k,
+                          shared=args.shared_neurons, expert_size=args.expert_size, default_num_experts=8)
+    layers, conv_params, spec = convert(conv, spec, args.seed)
     dense_opt = torch.optim.AdamW(dense.parameters(), lr=1e-5)
     conv_opt = torch.optim.AdamW(conv_params, lr=1e-3)
     ids = torch.randint(0, dense.config.vocab_size, (args.batch_size, args.seq_len),
@@ -126,13 +189,20 @@ def main() -> None:
         tc.append(dot_step())
     md, mc = statistics.median(td), statistics.median(tc)
     tokens = args.batch_size * args.seq_len
-    print(f"model: {name}; batch {args.batch_size} x {args.seq_len} tokens; E={spec.num_experts} k={spec.top_k}; "
+    t_sink, t_round = time_assignment(layers, args.repeats)
+    print(f"model: {name}; batch {args.batch_size} x {args.seq_len} tokens; budget {describe_budget(spec)}; "
           f"{torch.get_num_threads()} thread(s); {args.repeats} timed steps each")
     print(f"dense fine-tuning step : median {md:.3f} s  ({tokens / md:,.0f} tok/s)  all: "
           + " ".join(f"{x:.2f}" for x in td))
     print(f"DOT-MoE conversion step: median {mc:.3f} s  ({tokens / mc:,.0f} tok/s)  all: "
           + " ".join(f"{x:.2f}" for x in tc))
     print(f"ratio DOT-MoE / dense: {mc / md:.3f}  (target <= 1.15)")
+    print(f"Sinkhorn fwd+bwd, all {len(layers)} layers: {t_sink:.3f} s ({t_sink / mc:.1%} of the DOT-MoE step); "
+          f"rounding: {t_round:.3f} s ({t_round / mc:.1%})")
+    if args.export_forward:
+        tm, tdf, arch = time_export_forward(dense, conv, spec, ids, args.repeats)
+        print(f"exported {arch} forward: median {tm:.3f} s vs dense forward {tdf:.3f} s: ratio {tm / tdf:.3f} "
+              "(plain transformers, CPU, same tokens)")
 
 
 if __name__ == "__main__":
