@@ -273,7 +273,8 @@ def export_moe(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, output_d
     for unit in units:
         for name, t in unit.tensors:
             t_dtype = dtype if t.is_floating_point() else t.dtype
-            plan.append(_Planned(adapter.dense_to_target_name(name), _shape(t), t_dtype))
+            plan.append(_Planned(adapter.dense_to_target_name(name),
+                                 adapter.target_tensor_shape(name, _shape(t), dense_config), t_dtype))
         if unit.layer_idx is not None:
             for name, shape in adapter.moe_tensor_shapes(unit.layer_idx, spec, hidden, expert_size):
                 plan.append(_Planned(name, shape, dtype))
@@ -288,7 +289,8 @@ def export_moe(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, output_d
 
     tmp, index, layers_meta = stream_units(out, units, plan, gather=gather, is_writer=is_writer,
                                            max_shard_bytes=max_shard_bytes, tensor_name=adapter.dense_to_target_name,
-                                           write_mlp=write_mlp)
+                                           write_mlp=write_mlp,
+                                           tensor_value=lambda name, t: adapter.target_tensor(name, t, dense_config))
     # Tensors the target adds (zero q/k/v biases) are not the dense model's.
     added = {n for i in range(len(layers_meta)) for n, _ in adapter.added_layer_tensors(i, dense_config, dtype)}
     params = _count_params(plan, moe_names, spec, expert_size, hidden, len(layers_meta), added)
@@ -306,9 +308,11 @@ def export_moe(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, output_d
 
 def stream_units(out: Path, units: list, plan: list[_Planned], *, gather: Gather, is_writer: bool,
                  max_shard_bytes: int, tensor_name: Callable[[str], str],
-                 write_mlp: Callable[[Any, Callable[[str, torch.Tensor], None]], dict]) -> tuple[Path, dict, list]:
+                 write_mlp: Callable[[Any, Callable[[str, torch.Tensor], None]], dict],
+                 tensor_value: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> tuple[Path, dict, list]:
     """Stream every unit (its parameters gathered, one unit at a time) into safetensors shards in a
-    temporary sibling of `out`: the unit's plain tensors under `tensor_name(name)`, then its MLP
+    temporary sibling of `out`: the unit's plain tensors under `tensor_name(name)` (valued
+    `tensor_value(name, t)` when given, e.g. a target's re-parametrised norm), then its MLP
     through `write_mlp(unit, write)`, which returns the layer's dotmoe.json record. Returns
     (temporary folder, shard index, layer records); on any failure the folder is removed."""
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -322,7 +326,7 @@ def stream_units(out: Path, units: list, plan: list[_Planned], *, gather: Gather
         for unit in units:
             with gather(unit.params):
                 for name, t in unit.tensors:
-                    writer.write(tensor_name(name), t)
+                    writer.write(tensor_name(name), tensor_value(name, t) if tensor_value else t)
                 if unit.mlp is not None:
                     layers_meta.append(write_mlp(unit, writer.write))
             log.info("exported %s", f"layer {unit.layer_idx}" if unit.layer_idx is not None

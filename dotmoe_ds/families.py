@@ -5,7 +5,8 @@ Each supported dense family has one adapter (METHOD.md section 6):
     llama, mistral  ->  Mixtral    (MixtralForCausalLM)
                         with a shared expert: Qwen2-MoE (Qwen2MoeForCausalLM, zero q/k/v biases)
     qwen2           ->  Qwen2-MoE  (Qwen2MoeForCausalLM, shared expert supported)
-    qwen3           ->  Qwen3-MoE  (Qwen3MoeForCausalLM, no shared expert: no exact target)
+    qwen3           ->  Qwen3-MoE  (Qwen3MoeForCausalLM)
+                        with a shared expert: Qwen3-Next (Qwen3NextForCausalLM, full attention only)
     olmo2           ->  FlexOlmo   (FlexOlmoForCausalLM, no shared expert: no exact target)
 
 A family whose usual target has no shared expert may name a second adapter for conversions that
@@ -333,6 +334,14 @@ class FamilyAdapter:
         after the layer's own non-MLP tensors); none by default."""
         return []
 
+    def target_tensor(self, name: str, tensor: Tensor, config: PretrainedConfig) -> Tensor:
+        """The target's value of the carried (non-MLP) dense tensor `name`; unchanged by default."""
+        return tensor
+
+    def target_tensor_shape(self, name: str, shape: tuple[int, ...], config: PretrainedConfig) -> tuple[int, ...]:
+        """The shape `target_tensor` gives the dense tensor `name` of shape `shape`."""
+        return shape
+
     def dense_to_target_name(self, name: str) -> str:
         """On-disk name in the target of a non-MLP dense tensor (attention, norms, embeddings)."""
         return name
@@ -510,6 +519,83 @@ class Qwen2Adapter(Qwen2MoeTarget):
 
 
 @dataclass(frozen=True)
+class Qwen3SharedExpertAdapter(Qwen2MoeTarget):
+    """Qwen3 conversions with a shared expert -> Qwen3-Next (Qwen3NextForCausalLM), every layer full
+    attention. Qwen3-MoE has no shared expert; Qwen3-Next's full-attention layers are Qwen3's (per-head
+    q/k RMSNorm before RoPE, GQA, head_dim) with three differences, each mapped exactly:
+      - gated attention: q_proj also yields a per-head output gate, sigmoid(gate) * attention; its gate
+        rows are zero (sigmoid(0) = 0.5) and o_proj is doubled;
+      - zero-centred RMSNorms, x * (1 + w): every norm weight is stored as w - 1 (in fp32 1 + (w - 1)
+        is w to about one rounding);
+      - partial RoPE (default 0.25): partial_rotary_factor is set to 1.0.
+    Its MoE block is Qwen2-MoE's (softmax top-k router, shared expert with a sigmoid gate), so the
+    routing function is unchanged. Refused: sliding windows (Qwen3-Next has none) and attention_bias.
+    """
+
+    name: ClassVar[str] = "qwen3 (shared expert)"
+    dense_model_types: ClassVar[tuple[str, ...]] = ("qwen3",)
+    target_model_type: ClassVar[str] = "qwen3_next"
+    target_architecture: ClassVar[str] = "Qwen3NextForCausalLM"
+    _NORMS: ClassVar[tuple[str, ...]] = ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                         "self_attn.q_norm.weight", "self_attn.k_norm.weight")
+
+    def check_dense_config(self, config):
+        super().check_dense_config(config)
+        if getattr(config, "use_sliding_window", False):
+            raise FamilyError("this Qwen3 model uses a sliding window; its shared-expert target Qwen3-Next has none, "
+                              "so it cannot be exported exactly with a shared expert. Set --shared_neurons 0")
+        if getattr(config, "attention_bias", False):
+            raise FamilyError("Qwen3 with attention_bias=True cannot be exported exactly with a shared expert "
+                              "(Qwen3-Next's gated attention would need its o_proj bias changed). Set "
+                              "--shared_neurons 0")
+        rope = config.rope_parameters or {}
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise FamilyError("this Qwen3 model uses partial RoPE; only full RoPE is mapped to Qwen3-Next")
+
+    def _dense_settings(self, config):
+        settings = super()._dense_settings(config)
+        for key in ("layer_types", "max_window_layers", "use_sliding_window", "sliding_window", "rope_parameters"):
+            settings.pop(key, None)   # checked above; layer types and RoPE are set in _moe_fields
+        return settings
+
+    def _moe_fields(self, config, spec, expert_size, router_aux_loss_coef):
+        fields = super()._moe_fields(config, spec, expert_size, router_aux_loss_coef)
+        fields.pop("qkv_bias")
+        fields.update(layer_types=["full_attention"] * config.num_hidden_layers,
+                      rope_parameters={**config.rope_parameters, "partial_rotary_factor": 1.0})
+        return fields
+
+    def _check_target(self, config, target):
+        rope = {k: v for k, v in target.rope_parameters.items() if k != "partial_rotary_factor"}
+        if (set(target.layer_types) != {"full_attention"} or target.rope_parameters["partial_rotary_factor"] != 1.0
+                or rope != {k: v for k, v in config.rope_parameters.items() if k != "partial_rotary_factor"}):
+            raise FamilyError("Qwen3-Next did not take full attention with full RoPE on every layer; the export "
+                              "would not be exact")
+
+    def _layer_part(self, name: str) -> str | None:
+        prefix = f"{self.layers_path}."
+        if not name.startswith(prefix):
+            return None
+        return name[len(prefix):].split(".", 1)[1]
+
+    def target_tensor(self, name, tensor, config):
+        part = self._layer_part(name)
+        if name == "model.norm.weight" or part in self._NORMS:
+            return tensor - 1
+        if part == "self_attn.o_proj.weight":
+            return tensor * 2
+        if part == "self_attn.q_proj.weight":
+            q = tensor.reshape(config.num_attention_heads, _head_dim(config), -1)
+            return torch.cat([q, torch.zeros_like(q)], dim=1).reshape(2 * tensor.shape[0], -1)
+        return tensor
+
+    def target_tensor_shape(self, name, shape, config):
+        if self._layer_part(name) == "self_attn.q_proj.weight":
+            return (2 * shape[0], *shape[1:])
+        return shape
+
+
+@dataclass(frozen=True)
 class Qwen3Adapter(FamilyAdapter):
     name: ClassVar[str] = "qwen3"
     dense_model_types: ClassVar[tuple[str, ...]] = ("qwen3",)
@@ -518,6 +604,7 @@ class Qwen3Adapter(FamilyAdapter):
     layout: ClassVar[MoETensorLayout] = _QWEN_LAYOUT
     # Qwen3-MoE reads head_dim with getattr (Qwen3 models use head_dim != hidden/heads).
     extra_target_keys: ClassVar[frozenset[str]] = frozenset({"head_dim"})
+    shared_expert_adapter: ClassVar[FamilyAdapter | None] = Qwen3SharedExpertAdapter()
     def check_dense_config(self, config):
         super().check_dense_config(config)
         types = set(config.layer_types or ["full_attention"])

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TARGETS = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM",
            "qwen3": "Qwen3MoeForCausalLM", "olmo2": "FlexOlmoForCausalLM"}
-SHARED_FAMILIES = ("llama", "mistral", "qwen2")
+SHARED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -30,6 +30,8 @@ def test_adapter_for_each_family(family):
     shared = MoESpec.uniform(tiny_config(family).intermediate_size, 4, top_k=2, shared=16)
     if family in ("llama", "mistral"):
         assert adapter.for_spec(shared).target_architecture == "Qwen2MoeForCausalLM"
+    if family == "qwen3":
+        assert adapter.for_spec(shared).target_architecture == "Qwen3NextForCausalLM"
     assert adapter.for_spec(MoESpec.uniform(tiny_config(family).intermediate_size, 4, top_k=2)) is adapter
 
 
@@ -122,11 +124,11 @@ def test_qwen3_sliding_window_on_all_layers_carried():
     assert target.use_sliding_window and target.sliding_window == 4
 
 
-@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+@pytest.mark.parametrize("family", ["olmo2"])
 def test_shared_expert_only_where_supported(family):
     config = tiny_config(family)
     spec = MoESpec.uniform(config.intermediate_size, 4, top_k=2, shared=16)
-    with pytest.raises(FamilyError, match=f"cannot be exported for {family}.*supported for: llama, mistral, qwen2"):
+    with pytest.raises(FamilyError, match=f"cannot be exported for {family}.*supported for: llama, mistral, qwen2, qwen3"):
         adapter_for(config).validate(config, spec)
 
 
@@ -261,3 +263,35 @@ def test_hub_config_extras_travel_along():
     config = tiny_config("llama", is_llama_config=True, rope_interleaved=False)
     target = adapter_for(config).target_config(config, MoESpec.uniform(config.intermediate_size, 4, top_k=2))
     assert target.is_llama_config is True and target.rope_interleaved is False
+
+
+def test_qwen3_shared_expert_target_config_and_tensors():
+    config = tiny_config("qwen3")
+    spec = MoESpec.uniform(config.intermediate_size, 16, top_k=4, shared=32)
+    adapter = adapter_for(config).for_spec(spec)
+    target = adapter_for(config).target_config(config, spec)
+    assert target.model_type == "qwen3_next" and target.layer_types == ["full_attention"] * 2
+    assert target.rope_parameters["partial_rotary_factor"] == 1.0 and target.head_dim == 32
+    assert target.shared_expert_intermediate_size == 32 and target.num_experts == 16
+    q = torch.randn(4 * 32, 64)
+    qg = adapter.target_tensor("model.layers.0.self_attn.q_proj.weight", q, config)
+    assert adapter.target_tensor_shape("model.layers.0.self_attn.q_proj.weight", (128, 64), config) == (256, 64)
+    per_head = qg.view(4, 2, 32, 64)   # per head: its query rows, then zero gate rows
+    assert torch.equal(per_head[:, 0], q.view(4, 32, 64)) and not per_head[:, 1].any()
+    w = torch.randn(32)
+    assert torch.equal(adapter.target_tensor("model.layers.1.self_attn.k_norm.weight", w, config), w - 1)
+    assert torch.equal(adapter.target_tensor("model.norm.weight", w, config), w - 1)
+    o = torch.randn(64, 128)
+    assert torch.equal(adapter.target_tensor("model.layers.1.self_attn.o_proj.weight", o, config), 2 * o)
+    assert adapter.target_tensor("model.embed_tokens.weight", o, config) is o
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(use_sliding_window=True, sliding_window=4, max_window_layers=0), "sliding window"),
+    (dict(attention_bias=True), "attention_bias=True"),
+])
+def test_qwen3_shared_expert_refusals(overrides, needle):
+    config = tiny_config("qwen3", **overrides)
+    spec = MoESpec.uniform(config.intermediate_size, 4, top_k=2, shared=16)
+    with pytest.raises(FamilyError, match=needle):
+        adapter_for(config).validate(config, spec)
