@@ -347,7 +347,10 @@ class FamilyAdapter:
         return name
 
     def describe(self) -> str:
-        return f"{'/'.join(self.dense_model_types)} -> {self.target_model_type} ({self.target_architecture})"
+        out = f"{'/'.join(self.dense_model_types)} -> {self.target_model_type} ({self.target_architecture})"
+        if self.shared_expert_adapter is not None:
+            out += f", with a shared expert -> {self.shared_expert_adapter.target_architecture}"
+        return out
 
 
 def _pad_rows(t: Tensor, rows: int) -> Tensor:
