@@ -498,3 +498,18 @@ def test_bf16_export_stores_the_fp32_weights_rounded(tmp_path):
     moe, info = reload(tmp_path / "bf16")
     assert_clean_load(moe, info)
     assert next(moe.parameters()).dtype == torch.bfloat16
+
+
+def test_many_tiny_experts_export_exactly(tmp_path):
+    # 60 experts of 2 neurons (padded to 8 on disk) + 8 shared, k 13: far more experts than a block
+    model = tiny_model("qwen2", seed=8)
+    randomise_norms(model)
+    spec = MoESpec.uniform(128, 60, top_k=13, shared=8)
+    adapter = convert(model, spec)
+    x = tokens()
+    expected = logits(model, x)
+    export_moe(model, adapter, spec, tmp_path / "moe")
+    moe, info = reload(tmp_path / "moe")
+    assert_clean_load(moe, info)
+    assert moe.config.num_experts == 60 and moe.config.moe_intermediate_size == 8
+    assert (logits(moe, x) - expected).abs().max().item() <= 1e-4
