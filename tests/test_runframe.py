@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -297,3 +298,33 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_same_result(tiny, tmp_pat
     refused = _train(tiny, out, "--resume")
     assert refused.returncode == 2 and "dotmoe: error: no intact checkpoint" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def _checkpoint_with_manifest(out, step, files):
+    tag = f"step{step:08d}"
+    folder = out / "checkpoints" / tag
+    folder.mkdir(parents=True)
+    manifest = {}
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+        manifest[name] = [len(content), zlib.crc32(content)]
+    (folder / "dotmoe_meta.json").write_text(json.dumps({"step": step, "world_size": 1, "files": manifest}))
+    (out / "checkpoints" / "latest").write_text(tag)
+
+
+def test_preflight_falls_back_past_a_damaged_checkpoint_and_refuses_when_all_are(tiny, tmp_path, capsys,
+                                                                               no_expensive_work):
+    data = tmp_path / "one.txt"
+    data.write_text("A paragraph of text.\n\nAnother paragraph of text.\n")
+    argv = _argv(tiny, tmp_path, data)
+    out = tmp_path / "out"
+    out.mkdir()
+    train.parse_args(argv).save(out / "config.json")
+    _checkpoint_with_manifest(out, 2, {"a.pt": b"x" * 50})
+    _checkpoint_with_manifest(out, 4, {"a.pt": b"y" * 50})
+    (out / "checkpoints" / "step00000004" / "a.pt").write_bytes(b"y" * 20)      # truncated
+    plan = train.preflight(train.parse_args(argv))
+    assert plan.action == "resume" and plan.resume_from.step == 2
+    assert "step00000004 is damaged" in capsys.readouterr().out
+    (out / "checkpoints" / "step00000002" / "a.pt").unlink()
+    _refused(capsys, argv, "no intact checkpoint under", "--overwrite")
