@@ -94,18 +94,19 @@ class PackedData:
 
 
 @dataclass(frozen=True)
-class _LocalSource:
+class LocalSource:
     files: tuple[Path, ...]
 
 
 @dataclass(frozen=True)
-class _HubSource:
+class HubSource:
     name: str
     config: str | None
     split: str
 
 
-_Source = _LocalSource | _HubSource
+_Source = LocalSource | HubSource
+_LocalSource = LocalSource   # the old name, until evaluate.read_text_files imports LocalSource
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,15 +148,15 @@ def resolve_source(spec: str) -> _Source:
         raise DataError("empty --data entry; pass a file, directory, glob, or hub dataset name")
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _LocalSource(tuple(_files_in(path)))
+        return LocalSource(tuple(_files_in(path)))
     if path.is_file():
-        return _LocalSource((_checked_file(path),))
+        return LocalSource((_checked_file(path),))
     if globlib.has_magic(spec) and (":" not in spec or _looks_like_path(spec)):
         matches = sorted(Path(p) for p in globlib.glob(os.path.expanduser(spec), recursive=True))
         files = [p for p in matches if p.is_file() and p.suffix.lower() in _BUILDER_BY_SUFFIX]
         if not files:
             raise DataError(f"no data files ({_SUPPORTED}) match {spec!r}; check the pattern")
-        return _LocalSource(tuple(files))
+        return LocalSource(tuple(files))
     if _looks_like_path(spec):
         raise DataError(f"data path {spec} does not exist; check --data/--eval_data")
     match = _HUB_SPEC.match(spec)
@@ -164,14 +165,14 @@ def resolve_source(spec: str) -> _Source:
             f"{spec!r} is not an existing path, a glob that matches files, or a datasets hub name "
             "(name[@config][:split], e.g. wikitext@wikitext-2-raw-v1:train)"
         )
-    return _HubSource(match["name"], match["config"], match["split"] or "train")
+    return HubSource(match["name"], match["config"], match["split"] or "train")
 
 
 def _resolve_all(spec: str | Sequence[str], what: str) -> list[_Source]:
     sources = [resolve_source(s) for s in _as_list(spec)]
     if not sources:
         raise DataError(f"{what} is empty; pass at least one file, directory, glob, or hub dataset name")
-    if all(isinstance(s, _LocalSource) for s in sources):
+    if all(isinstance(s, LocalSource) for s in sources):
         files = [f for s in sources for f in s.files]
         if all(f.stat().st_size == 0 for f in files):
             raise DataError(f"{what}: every file is empty ({', '.join(map(str, files[:5]))}); add text to them")
@@ -221,7 +222,7 @@ def check_config(cfg: DataConfig, tokenizer, model_max_length: int | None = None
 def _scan(sources: list[_Source], cfg: DataConfig, what: str) -> int | None:
     """Non-empty documents of the local sources (None if a hub source is among them); DataError for
     a file that cannot be read or an all-empty data set."""
-    if not all(isinstance(s, _LocalSource) for s in sources):
+    if not all(isinstance(s, LocalSource) for s in sources):
         return None
     total = 0
     for f in (f for s in sources for f in s.files):
@@ -279,7 +280,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _source_fingerprint(source: _Source) -> list:
-    if isinstance(source, _HubSource):
+    if isinstance(source, HubSource):
         return ["hub", source.name, source.config, source.split]
     return [["file", str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in source.files]
 
@@ -290,7 +291,7 @@ def _load_documents(sources: list[_Source], cfg: DataConfig, what: str):
 
     parts = []
     for source in sources:
-        if isinstance(source, _HubSource):
+        if isinstance(source, HubSource):
             try:
                 ds = datasets.load_dataset(source.name, source.config, split=source.split)
             except Exception as err:  # offline, unknown name, bad split: all end the same way for the user

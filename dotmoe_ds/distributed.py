@@ -11,9 +11,9 @@ values (DESIGN.md, distributed design).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import socket
-import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -75,10 +75,7 @@ def set_threads(threads: int = 0) -> int:
 def _skip_shm_comm_build() -> None:
     if os.environ.get(SHM_COMM_ENV) == "1":
         return
-    ds_torch = sys.modules.get("deepspeed.comm.torch")
-    if ds_torch is None:
-        import deepspeed.comm.torch  # noqa: F401  (registers the module)
-        ds_torch = sys.modules["deepspeed.comm.torch"]
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
     ds_torch.build_shm_op = lambda: None
 
 
