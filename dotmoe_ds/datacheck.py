@@ -9,16 +9,19 @@ For every local file of --data / --eval_data:
   column;
 - parquet: the schema has the column.
 
-It returns how many non-empty documents the files hold (text files by --text_unit, approximately for
+Files are read in 1 MiB pieces (a JSON document excepted: it is parsed whole, as datasets does), so
+memory stays flat; the cost is one read of the data per rank before anything else, far below
+tokenising it. It returns how many non-empty documents the files hold (text files by --text_unit, approximately for
 'paragraph': blocks between blank lines), so that an empty data set is refused here and a single
 document can be split by paragraphs. The DataError raised names the file and the fix.
 """
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
-import re
 from pathlib import Path
+from typing import Iterator
 
 ENCODING_ERRORS = ("strict", "replace", "ignore")
 _CHUNK = 1 << 20
@@ -39,20 +42,28 @@ def check_encoding(encoding: str, errors: str) -> None:
 
 
 def _line_of(path: Path, offset: int) -> int:
+    lines, left = 1, offset
     with open(path, "rb") as f:
-        return f.read(offset).count(b"\n") + 1
+        while left > 0:
+            chunk = f.read(min(_CHUNK, left))
+            if not chunk:
+                break
+            lines += chunk.count(b"\n")
+            left -= len(chunk)
+    return lines
 
 
-def read_text(path: Path, encoding: str, errors: str) -> str:
-    """The whole file decoded, or DataFileError naming the first undecodable byte."""
+def decoded_chunks(path: Path, encoding: str, errors: str) -> Iterator[str]:
+    """The file decoded piece by piece (constant memory), or DataFileError naming the first
+    undecodable byte by offset and line."""
     decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
-    parts, fed = [], 0
+    fed = 0
     with open(path, "rb") as f:
         while True:
             chunk = f.read(_CHUNK)
-            pending = decoder.getstate()[0] if hasattr(decoder, "getstate") else b""
+            pending = decoder.getstate()[0]
             try:
-                parts.append(decoder.decode(chunk, final=not chunk))
+                text = decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as err:
                 offset = fed - len(pending) + err.start
                 raise DataFileError(
@@ -60,16 +71,37 @@ def read_text(path: Path, encoding: str, errors: str) -> str:
                     f"({err.reason}); pass --encoding with the file's encoding (e.g. latin-1, cp1252), or "
                     "--encoding_errors replace to read undecodable bytes as U+FFFD") from None
             fed += len(chunk)
+            if text:
+                yield text
             if not chunk:
-                return "".join(parts)
+                return
 
 
-def _text_documents(text: str, unit: str) -> int:
-    if unit == "line":
-        return sum(1 for line in text.splitlines() if line.strip())
-    if unit == "paragraph":
-        return sum(1 for par in re.split(r"\n\s*\n", text) if par.strip())
-    return 1 if text.strip() else 0
+def _lines(chunks: Iterator[str]) -> Iterator[str]:
+    carry = ""
+    for chunk in chunks:
+        lines = (carry + chunk).split("\n")
+        carry = lines.pop()
+        yield from lines
+    if carry:
+        yield carry
+
+
+def _text_documents(chunks: Iterator[str], unit: str) -> int:
+    if unit == "document":
+        has_text = False
+        for chunk in chunks:                  # read to the end: every byte must decode
+            has_text = has_text or bool(chunk.strip())
+        return int(has_text)
+    count, in_paragraph = 0, False
+    for line in _lines(chunks):
+        blank = not line.strip()
+        if unit == "line":
+            count += not blank
+        else:                             # paragraph: runs of non-blank lines between blank lines
+            count += not blank and not in_paragraph
+            in_paragraph = not blank
+    return count
 
 
 def _record_text(record, column: str, where: str):
@@ -84,9 +116,11 @@ def _record_text(record, column: str, where: str):
     return value if isinstance(value, str) else ""
 
 
-def _json_documents(path: Path, text: str, column: str) -> int:
-    stripped = text.lstrip()
-    if path.suffix.lower() == ".json" and stripped[:1] in ("[", "{"):
+def _json_documents(path: Path, chunks: Iterator[str], column: str) -> int:
+    first = next(chunks, "")
+    if path.suffix.lower() == ".json" and first.lstrip()[:1] in ("[", "{"):
+        text = first + "".join(chunks)              # one JSON document: datasets reads it whole too
+        stripped = text.lstrip()
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
@@ -98,8 +132,9 @@ def _json_documents(path: Path, text: str, column: str) -> int:
             records = obj if isinstance(obj, list) else [obj]
             return sum(1 for i, r in enumerate(records)
                        if _record_text(r, column, f"{path}: record {i + 1}").strip())
+        chunks, first = iter([text]), ""
     count = 0
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(_lines(itertools.chain([first], chunks)), 1):
         if not line.strip():
             continue
         try:
@@ -130,7 +165,7 @@ def count_documents(path: Path, kind: str, *, encoding: str, errors: str, text_c
     """Non-empty documents of one local file (`kind`: text | json | parquet), or DataFileError."""
     if kind == "parquet":
         return _parquet_documents(path, text_column)
-    text = read_text(path, encoding, errors)
+    chunks = decoded_chunks(path, encoding, errors)
     if kind == "text":
-        return _text_documents(text, text_unit)
-    return _json_documents(path, text, text_column)
+        return _text_documents(chunks, text_unit)
+    return _json_documents(path, chunks, text_column)
