@@ -168,11 +168,12 @@ class CheckpointArgs:
     checkpoint_every: int = 20
     """steps between checkpoints (0: only the final one); SIGTERM/SIGUSR1 also checkpoint"""
     keep_checkpoints: int = 2
-    """complete checkpoints kept (older ones are deleted once a newer one is complete)"""
+    """intact checkpoints kept (older ones are deleted once a newer one is complete; damaged ones never count)"""
     resume: bool = False
     """continue from the latest complete checkpoint in OUTPUT/checkpoints (required to exist)"""
     overwrite: bool = False
-    """delete an existing OUTPUT folder of an earlier run and start afresh"""
+    """delete an existing OUTPUT folder of an earlier run and start afresh (refused while another run holds
+    OUTPUT/dotmoe.lock)"""
 
 
 @dataclass
