@@ -328,3 +328,28 @@ def test_preflight_falls_back_past_a_damaged_checkpoint_and_refuses_when_all_are
     assert "step00000004 is damaged" in capsys.readouterr().out
     (out / "checkpoints" / "step00000002" / "a.pt").unlink()
     _refused(capsys, argv, "no intact checkpoint under", "--overwrite")
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_on_a_locked_output_is_refused_as_a_whole(tiny, tmp_path):
+    """Rank 0 alone locks; refused, it exits with 2 and the launcher ends rank 1 (no hang)."""
+    import socket
+
+    out = tmp_path / "out"
+    lock = RunLock.acquire(out)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                               str(port), str(ROOT / "dotmoe_ds" / "train.py"), "--model", str(tiny["model"]),
+                               "--data", str(BOOK), "--output", str(out), "--seq_len", "64",
+                               "--cache_dir", str(tmp_path / "cache")],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        lock.release()
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 2, log[-3000:]
+    assert log.count("dotmoe: error: --output") == 1 and f"pid {os.getpid()}" in log
+    assert [p.name for p in out.iterdir()] == [LOCK_NAME]
