@@ -18,8 +18,6 @@ Everything here is pure torch; the trainer does the layer-parallel calibration a
 from __future__ import annotations
 
 import contextlib
-import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,8 +27,9 @@ from torch import Tensor, nn
 
 from . import layer as layer_lib
 from .export import (DEFAULT_MAX_SHARD_BYTES, FORMAT_VERSION, ExportError, ExportResult, Gather, ParamCounts,
-                     _Planned, _shape, _units, check_output_dir, publish, stream_units)
+                     PlannedTensor, tensor_shape, export_units, check_output_dir, publish, stream_units)
 from .families import FamilyAdapter
+from .provenance import is_hub_id, portable_command, public_model_name
 from .spec import MoESpec
 
 PRUNE = "prune"
@@ -264,7 +263,7 @@ def export_pruned(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, outpu
     dense_config = model.config
     if dtype is None:
         dtype = model.get_input_embeddings().weight.dtype
-    units = _units(model, adapter)
+    units = export_units(model, adapter)
     mlps = [u.mlp for u in units if u.mlp is not None]
     if not all(isinstance(m, PrunedFFN) for m in mlps):
         raise ExportError("export_pruned needs every layer's MLP to be a PrunedFFN; use export_moe for DOT-MoE layers")
@@ -280,15 +279,15 @@ def export_pruned(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, outpu
     gather = gather or (lambda params: contextlib.nullcontext())
     hidden = dense_config.hidden_size
 
-    plan: list[_Planned] = []
+    plan: list[PlannedTensor] = []
     mlp_names: set[str] = set()
     for unit in units:
         for name, t in unit.tensors:
-            plan.append(_Planned(name, _shape(t), dtype if t.is_floating_point() else t.dtype))
+            plan.append(PlannedTensor(name, tensor_shape(t), dtype if t.is_floating_point() else t.dtype))
         if unit.layer_idx is not None:
             g, u, d = adapter.dense_mlp_tensor_names(unit.layer_idx)
             for name, shape in ((g, (kept, hidden)), (u, (kept, hidden)), (d, (hidden, kept))):
-                plan.append(_Planned(name, shape, dtype))
+                plan.append(PlannedTensor(name, shape, dtype))
                 mlp_names.add(name)
 
     def write_mlp(unit, write) -> dict:
@@ -304,7 +303,8 @@ def export_pruned(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, outpu
     result = ExportResult(out, params, sorted(set(index["weight_map"].values())))
     if not is_writer:
         return result
-    source = str(source_dir) if source_dir is not None else getattr(dense_config, "_name_or_path", "") or None
+    source = public_model_name(source_dir if source_dir is not None
+                               else getattr(dense_config, "_name_or_path", "") or None)
     meta = {
         "format_version": FORMAT_VERSION,
         "method": method,
@@ -319,7 +319,7 @@ def export_pruned(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, outpu
         "matched_budget": spec.to_dict(),
         "importance": {"criterion": IMPORTANCE_CRITERION, "p": IMPORTANCE_P},
         "params": params.to_dict(),
-        "command": command if command is not None else shlex.join([sys.executable, *sys.argv]),
+        "command": command if command is not None else portable_command(),
         "layers": layers_meta,
         **({"extra": extra_meta} if extra_meta else {}),
     }
@@ -327,7 +327,7 @@ def export_pruned(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, outpu
     return result
 
 
-def _count_params(plan: list[_Planned], mlp_names: set[str], d_ff: int, hidden: int, num_layers: int) -> ParamCounts:
+def _count_params(plan: list[PlannedTensor], mlp_names: set[str], d_ff: int, hidden: int, num_layers: int) -> ParamCounts:
     numel = {p.name: p.nbytes // torch.empty((), dtype=p.dtype).element_size() for p in plan}
     stored = sum(numel.values())
     non_mlp = sum(n for name, n in numel.items() if name not in mlp_names)
@@ -337,7 +337,7 @@ def _count_params(plan: list[_Planned], mlp_names: set[str], d_ff: int, hidden: 
 def _model_card(meta: dict) -> str:
     p, b = meta["params"], meta["matched_budget"]
     src = meta["source_model"] or "(not recorded)"
-    base = f"base_model: {src}\n" if meta["source_model"] else ""
+    base = f"base_model: {src}\n" if meta["source_model"] and is_hub_id(src) else ""
     return f"""---
 library_name: transformers
 {base}tags:

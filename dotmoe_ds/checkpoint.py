@@ -5,9 +5,19 @@ Layout under OUTPUT/checkpoints/:
     step00000020/                 one DeepSpeed checkpoint (engine.save_checkpoint's tag folder)
         ...DeepSpeed's model/optimizer files...
         rank00000.pt, rank00001.pt  our per-rank state (RNG states), one per rank
-        dotmoe_meta.json          step, world size, time: written by rank 0 after every rank's files
-    latest                        the tag of the newest COMPLETE checkpoint (DeepSpeed's own pointer
-                                  format, so zero_to_fp32.py and engine.load_checkpoint find it too)
+        dotmoe_meta.json          step, world size, time and the manifest (every file's size and
+                                  CRC-32): written by rank 0 after every rank's files, so it is last
+    latest                        the tag of the newest COMPLETE, verified checkpoint (DeepSpeed's own
+                                  pointer format, so zero_to_fp32.py and engine.load_checkpoint find it)
+
+Verification: the manifest is made after every rank has written its files (each rank checksums a
+share of them, file i by rank i mod world). CRC-32 (zlib), not SHA-256: it guards against
+truncation, lost files and corrupted blocks, not against an adversary, and runs at about twice
+SHA-256's speed (2.5 vs 1.3 GB/s measured on this machine), so hashing stays below the cost of
+writing. Resume checks sizes in preflight (every rank, a stat per file) and checksums once the
+process group is up (spread over the ranks); a damaged newest checkpoint is reported and the newest
+intact older one is used, and `latest` is pointed at it. Checkpoints written before manifests
+existed are accepted on the strength of their dotmoe_meta.json alone.
 
 A save goes: every rank writes its part (DeepSpeed with save_latest=False, then our rank file);
 barrier; rank 0 writes dotmoe_meta.json and then replaces `latest` atomically (write a temporary
@@ -28,6 +38,7 @@ import re
 import shutil
 import signal
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +52,7 @@ LATEST = "latest"
 META = "dotmoe_meta.json"
 EXIT_REQUEUE = 75          # EX_TEMPFAIL: "try again later"; the SLURM scripts requeue on it
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+CHECKSUM = "crc32"
 # Fault injection for the tests: "kill_in_checkpoint:STEP" SIGKILLs every rank after its checkpoint
 # files for STEP are written and before `latest` moves (the worst moment for atomicity).
 FAULT_ENV = "DOTMOE_FAULT"
@@ -95,6 +107,82 @@ def _tag_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
             if m and p.is_dir():
                 out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def _read_meta(tag_dir: Path) -> dict | None:
+    try:
+        meta = json.loads((tag_dir / META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and "step" in meta and "world_size" in meta else None
+
+
+def resume_candidates(ckpt_dir: str | Path) -> list[CheckpointInfo]:
+    """Completed checkpoints (a readable dotmoe_meta.json) up to the one `latest` names, newest first;
+    [] without `latest`. The first is `latest` itself unless its folder was lost or damaged."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    if not pointer.is_file():
+        return []
+    m = _TAG.match(pointer.read_text().strip())
+    limit = int(m.group(1)) if m else None
+    out = []
+    for step, path in reversed(_tag_dirs(ckpt_dir)):
+        meta = _read_meta(path)
+        if meta is not None and (limit is None or step <= limit):
+            out.append(CheckpointInfo(tag=path.name, step=int(meta["step"]), world_size=int(meta["world_size"]),
+                                      path=path))
+    return out
+
+
+def file_checksum(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _checkpoint_files(tag_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
+                  if p.is_file() and p.name != META and not p.name.startswith("."))
+
+
+def verify_checkpoint(info: CheckpointInfo, checksums: bool = True, rank: int = 0, world: int = 1) -> str | None:
+    """None if `info`'s files match its manifest, else what is wrong (the first problem found).
+    `checksums`: also compare CRC-32s, of the files i with i mod world == rank (the rest: sizes)."""
+    meta = _read_meta(info.path)
+    if meta is None:
+        return f"{info.path / META} is missing or unreadable"
+    files = meta.get("files")
+    if files is None:
+        return None                      # written before manifests: trusted as complete
+    for i, (name, (size, crc)) in enumerate(sorted(files.items())):
+        path = info.path / name
+        if not path.is_file():
+            return f"{path} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{path} has {actual} bytes, its manifest says {size}"
+        if checksums and i % world == rank and file_checksum(path) != crc:
+            return f"{path} fails its {CHECKSUM} checksum"
+    return None
+
+
+def mark_latest(ckpt_dir: str | Path, tag: str) -> None:
+    """Point `latest` at `tag` (atomically). Rank 0 only."""
+    atomic_write_text(Path(ckpt_dir) / LATEST, tag)
+
+
+def _manifest(tag_dir: Path) -> dict:
+    """{file: [size, crc32]} of the checkpoint folder; collective, each rank hashes a share."""
+    names = dist.broadcast_object(_checkpoint_files(tag_dir) if dist.is_main() else None)
+    mine = {name: [(tag_dir / name).stat().st_size, file_checksum(tag_dir / name)]
+            for i, name in enumerate(names) if i % dist.world_size() == dist.rank()}
+    merged: dict = {}
+    for part in dist.all_gather_objects(mine):
+        merged.update(part)
+    return dict(sorted(merged.items()))
 
 
 # ---------------------------------------------------------------------- RNG state
@@ -181,9 +269,11 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
     _atomic_torch_save(rank_state, _rank_file(tag_dir, dist.rank()))
     _maybe_inject_fault(step)
     dist.barrier()
+    files = _manifest(tag_dir)
     info = CheckpointInfo(tag=tag, step=step, world_size=dist.world_size(), path=tag_dir)
     if dist.is_main():
-        meta = {"tag": tag, "step": step, "world_size": info.world_size, "time": time.time()}
+        meta = {"tag": tag, "step": step, "world_size": info.world_size, "time": time.time(),
+                "checksum": CHECKSUM, "files": files}
         atomic_write_text(tag_dir / META, json.dumps(meta, indent=1) + "\n")
         atomic_write_text(ckpt_dir / LATEST, tag)      # the commit point
         prune(ckpt_dir, keep)
@@ -192,14 +282,15 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
 
 
 def prune(ckpt_dir: str | Path, keep: int) -> list[Path]:
-    """Delete every checkpoint folder except the `keep` newest complete ones up to `latest`
-    (partial folders included). Returns what was deleted. Rank 0 only."""
+    """Delete every checkpoint folder except the `keep` newest intact ones up to `latest` (files of
+    the sizes their manifest records) and `latest` itself; partial and damaged folders go too, and
+    never count towards `keep`. Returns what was deleted. Rank 0 only."""
     ckpt_dir = Path(ckpt_dir)
     latest = latest_checkpoint(ckpt_dir)
     if latest is None:
         return []
-    complete = [(s, p) for s, p in _tag_dirs(ckpt_dir) if (p / META).is_file() and s <= latest.step]
-    kept = {p for _, p in complete[-keep:]} | {latest.path}
+    intact = [c.path for c in resume_candidates(ckpt_dir) if verify_checkpoint(c, checksums=False) is None]
+    kept = set(intact[:max(keep, 1)]) | {latest.path}
     removed = []
     for _, p in _tag_dirs(ckpt_dir):
         if p not in kept:

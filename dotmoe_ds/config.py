@@ -61,6 +61,14 @@ class DataArgs:
     """what one document of a .txt file is: document (the whole file), paragraph, or line"""
     cache_dir: str = ""
     """where tokenised data is cached (default: $DOTMOE_CACHE/data or ~/.cache/dotmoe_ds/data)"""
+    encoding: str = "utf-8"
+    """text encoding of --data / --eval_data text and JSON files (e.g. latin-1, cp1252)"""
+    encoding_errors: str = "strict"
+    """undecodable bytes: strict (refuse, naming file and byte offset), replace (read as U+FFFD), ignore"""
+    eval_split: str = "auto"
+    """how --eval_fraction holds text out: documents (whole documents, seeded), paragraphs (the last
+    paragraphs of a single document, never one split in two), auto: paragraphs when --data is one
+    document, else documents (the resolved value is written to config.json)"""
 
 
 @dataclass
@@ -171,11 +179,12 @@ class CheckpointArgs:
     checkpoint_every: int = 20
     """steps between checkpoints (0: only the final one); SIGTERM/SIGUSR1 also checkpoint"""
     keep_checkpoints: int = 2
-    """complete checkpoints kept (older ones are deleted once a newer one is complete)"""
+    """intact checkpoints kept (older ones are deleted once a newer one is complete; damaged ones never count)"""
     resume: bool = False
     """continue from the latest complete checkpoint in OUTPUT/checkpoints (required to exist)"""
     overwrite: bool = False
-    """delete an existing OUTPUT folder of an earlier run and start afresh"""
+    """delete an existing OUTPUT folder of an earlier run and start afresh (refused while another run holds
+    OUTPUT/dotmoe.lock)"""
 
 
 @dataclass
@@ -338,6 +347,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--ep_size spreads the experts of an exported MoE over ranks: it needs --phase recover")
     _choice("tau_schedule", o.tau_schedule, TAU_SCHEDULES)
     _choice("text_unit", d.text_unit, ("document", "paragraph", "line"))
+    _choice("encoding_errors", d.encoding_errors, ("strict", "replace", "ignore"))
+    _choice("eval_split", d.eval_split, ("auto", "documents", "paragraphs"))
     if m.num_experts < 1:
         raise ConfigError(f"--num_experts must be at least 1, got {m.num_experts}")
     if m.expert_size < 0 or not 0 <= m.active_fraction <= 1:

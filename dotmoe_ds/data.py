@@ -34,6 +34,8 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 import torch
 
+from .datacheck import DataFileError, check_encoding, count_documents
+
 FORMAT_VERSION = 1
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSON_SUFFIXES = (".json", ".jsonl")
@@ -44,6 +46,8 @@ _BUILDER_BY_SUFFIX = {
     **{s: "parquet" for s in PARQUET_SUFFIXES},
 }
 _SUPPORTED = ", ".join(_BUILDER_BY_SUFFIX)
+# Settings at these values leave the cache key as it was before the setting existed.
+_KEY_NEUTRAL = {("encoding", "utf-8"), ("encoding_errors", "strict"), ("eval_split", "documents")}
 # A datasets hub name: "name", "owner/name", optionally "@config", optionally ":split" (slices allowed).
 _HUB_SPEC = re.compile(r"^(?P<name>[\w.-]+(?:/[\w.-]+)?)(?:@(?P<config>[\w.-]+))?(?::(?P<split>.+))?$")
 # Tokenizers that do not know their limit report a huge sentinel (about 1e30).
@@ -67,6 +71,11 @@ class DataConfig:
     split_seed: int = 0  # which documents `eval_fraction` holds out
     cache_dir: str | None = None  # dotmoe-ds cache root (default $DOTMOE_CACHE or ~/.cache/dotmoe_ds); data goes to its data/
     num_proc: int | None = None  # tokenisation processes (fast tokenizers are already parallel)
+    encoding: str = "utf-8"  # of text and JSON files
+    encoding_errors: str = "strict"  # strict (refuse undecodable bytes), replace (U+FFFD), ignore
+    # How eval_fraction holds text out: whole documents, or the last paragraphs of a single document;
+    # auto: paragraphs when the data is one document (check_config resolves it), else documents.
+    eval_split: Literal["auto", "documents", "paragraphs"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -85,18 +94,19 @@ class PackedData:
 
 
 @dataclass(frozen=True)
-class _LocalSource:
+class LocalSource:
     files: tuple[Path, ...]
 
 
 @dataclass(frozen=True)
-class _HubSource:
+class HubSource:
     name: str
     config: str | None
     split: str
 
 
-_Source = _LocalSource | _HubSource
+_Source = LocalSource | HubSource
+_LocalSource = LocalSource   # the old name, until evaluate.read_text_files imports LocalSource
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,15 +148,15 @@ def resolve_source(spec: str) -> _Source:
         raise DataError("empty --data entry; pass a file, directory, glob, or hub dataset name")
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _LocalSource(tuple(_files_in(path)))
+        return LocalSource(tuple(_files_in(path)))
     if path.is_file():
-        return _LocalSource((_checked_file(path),))
+        return LocalSource((_checked_file(path),))
     if globlib.has_magic(spec) and (":" not in spec or _looks_like_path(spec)):
         matches = sorted(Path(p) for p in globlib.glob(os.path.expanduser(spec), recursive=True))
         files = [p for p in matches if p.is_file() and p.suffix.lower() in _BUILDER_BY_SUFFIX]
         if not files:
             raise DataError(f"no data files ({_SUPPORTED}) match {spec!r}; check the pattern")
-        return _LocalSource(tuple(files))
+        return LocalSource(tuple(files))
     if _looks_like_path(spec):
         raise DataError(f"data path {spec} does not exist; check --data/--eval_data")
     match = _HUB_SPEC.match(spec)
@@ -155,14 +165,14 @@ def resolve_source(spec: str) -> _Source:
             f"{spec!r} is not an existing path, a glob that matches files, or a datasets hub name "
             "(name[@config][:split], e.g. wikitext@wikitext-2-raw-v1:train)"
         )
-    return _HubSource(match["name"], match["config"], match["split"] or "train")
+    return HubSource(match["name"], match["config"], match["split"] or "train")
 
 
 def _resolve_all(spec: str | Sequence[str], what: str) -> list[_Source]:
     sources = [resolve_source(s) for s in _as_list(spec)]
     if not sources:
         raise DataError(f"{what} is empty; pass at least one file, directory, glob, or hub dataset name")
-    if all(isinstance(s, _LocalSource) for s in sources):
+    if all(isinstance(s, LocalSource) for s in sources):
         files = [f for s in sources for f in s.files]
         if all(f.stat().st_size == 0 for f in files):
             raise DataError(f"{what}: every file is empty ({', '.join(map(str, files[:5]))}); add text to them")
@@ -178,8 +188,9 @@ def max_sequence_length(tokenizer, model_max_length: int | None = None) -> int |
     return min(limits) if limits else None
 
 
-def check_config(cfg: DataConfig, tokenizer, model_max_length: int | None = None) -> None:
-    """Every check that needs no tokenising: call before loading a model."""
+def check_config(cfg: DataConfig, tokenizer, model_max_length: int | None = None, scan: bool = True) -> None:
+    """Every check that needs no tokenising: call before loading a model. `scan`: also read the local
+    files (decodable, well-formed, text column present, some text) and resolve cfg.eval_split."""
     if not isinstance(cfg.seq_len, int) or cfg.seq_len < 2:
         raise DataError(f"seq_len must be an integer >= 2, got {cfg.seq_len!r}")
     limit = max_sequence_length(tokenizer, model_max_length)
@@ -191,10 +202,40 @@ def check_config(cfg: DataConfig, tokenizer, model_max_length: int | None = None
         raise DataError("give either --eval_data or --eval_fraction, not both")
     if cfg.text_unit not in ("document", "paragraph", "line"):
         raise DataError(f"text_unit must be 'document', 'paragraph' or 'line', got {cfg.text_unit!r}")
-    _resolve_all(cfg.data, "--data")
+    if cfg.eval_split not in ("auto", "documents", "paragraphs"):
+        raise DataError(f"eval_split must be 'auto', 'documents' or 'paragraphs', got {cfg.eval_split!r}")
+    try:
+        check_encoding(cfg.encoding, cfg.encoding_errors)
+    except DataFileError as err:
+        raise DataError(str(err)) from None
+    sources = _resolve_all(cfg.data, "--data")
+    n_docs = _scan(sources, cfg, "--data") if scan else None
     if cfg.eval_data is not None:
-        _resolve_all(cfg.eval_data, "--eval_data")
+        eval_sources = _resolve_all(cfg.eval_data, "--eval_data")
+        if scan:
+            _scan(eval_sources, cfg, "--eval_data")
+    elif cfg.eval_fraction > 0 and cfg.eval_split == "auto" and scan:
+        cfg.eval_split = "paragraphs" if n_docs == 1 else "documents"
     document_separators(tokenizer)
+
+
+def _scan(sources: list[_Source], cfg: DataConfig, what: str) -> int | None:
+    """Non-empty documents of the local sources (None if a hub source is among them); DataError for
+    a file that cannot be read or an all-empty data set."""
+    if not all(isinstance(s, LocalSource) for s in sources):
+        return None
+    total = 0
+    for f in (f for s in sources for f in s.files):
+        try:
+            total += count_documents(f, _BUILDER_BY_SUFFIX[f.suffix.lower()], encoding=cfg.encoding,
+                                     errors=cfg.encoding_errors, text_column=cfg.text_column,
+                                     text_unit=cfg.text_unit)
+        except DataFileError as err:
+            raise DataError(str(err)) from None
+    if total == 0:
+        raise DataError(f"{what} holds no text: every document is empty or whitespace once empty ones are "
+                        "dropped; add text, check --text_column, or point it at other files")
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +280,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _source_fingerprint(source: _Source) -> list:
-    if isinstance(source, _HubSource):
+    if isinstance(source, HubSource):
         return ["hub", source.name, source.config, source.split]
     return [["file", str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in source.files]
 
@@ -250,7 +291,7 @@ def _load_documents(sources: list[_Source], cfg: DataConfig, what: str):
 
     parts = []
     for source in sources:
-        if isinstance(source, _HubSource):
+        if isinstance(source, HubSource):
             try:
                 ds = datasets.load_dataset(source.name, source.config, split=source.split)
             except Exception as err:  # offline, unknown name, bad split: all end the same way for the user
@@ -268,9 +309,17 @@ def _load_documents(sources: list[_Source], cfg: DataConfig, what: str):
             by_builder.setdefault(_BUILDER_BY_SUFFIX[f.suffix.lower()], []).append(str(f))
         for builder, files in by_builder.items():
             extra = {"sample_by": cfg.text_unit} if builder == "text" else {}
+            if builder in ("text", "json"):
+                extra.update(encoding=cfg.encoding, encoding_errors=cfg.encoding_errors)
             # Arrow copies of local files go under our cache root too, so one folder holds all derived data.
-            ds = datasets.load_dataset(builder, data_files=files, split="train",
-                                       cache_dir=str(_cache_root(cfg) / "arrow"), **extra)
+            try:
+                ds = datasets.load_dataset(builder, data_files=files, split="train",
+                                           cache_dir=str(_cache_root(cfg) / "arrow"), **extra)
+            except Exception as err:   # check_config read these files; this is the fallback
+                cause = err.__cause__ or err
+                raise DataError(f"{what}: reading {', '.join(files[:3])} failed ({type(cause).__name__}: "
+                                f"{str(cause).splitlines()[0] if str(cause) else ''}); check the files "
+                                "(--encoding / --encoding_errors for text)") from None
             parts.append(_text_column(ds, "text" if builder == "text" else cfg.text_column, ", ".join(files[:3])))
     docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     docs = docs.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True,
@@ -332,6 +381,27 @@ def _split_documents(n_docs: int, fraction: float, seed: int) -> tuple[np.ndarra
     return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
 
 
+def _split_paragraphs(docs, fraction: float):
+    """(train docs, eval docs, paragraphs, held-out paragraphs) of a single document: its last
+    `fraction` of paragraphs (blocks between blank lines, never one split in two) held out."""
+    import datasets
+
+    if len(docs) != 1:
+        raise DataError(f"eval_split 'paragraphs' holds out paragraphs of a single document, the data has "
+                        f"{len(docs)}; use eval_split 'documents' (or auto)")
+    text = docs[0]["text"]
+    starts = [0] + [m.end() for m in re.finditer(r"\n[ \t\r\f\v]*\n\s*", text)]
+    pieces = [(a, b) for a, b in zip(starts, starts[1:] + [len(text)]) if text[a:b].strip()]
+    if len(pieces) < 2:
+        raise DataError("eval_fraction needs at least 2 paragraphs (blocks separated by a blank line) to hold "
+                        f"the last ones of a single document out, the data has {len(pieces)}; pass --eval_data")
+    n_eval = min(len(pieces) - 1, max(1, round(fraction * len(pieces))))
+    cut = pieces[-n_eval][0]
+    train = datasets.Dataset.from_dict({"text": [text[:cut].rstrip()]})
+    held = datasets.Dataset.from_dict({"text": [text[cut:].strip()]})
+    return train, held, len(pieces), n_eval
+
+
 # ---------------------------------------------------------------------------------------------
 # The cache
 
@@ -381,7 +451,7 @@ def prepare_data(cfg: DataConfig, tokenizer, model_max_length: int | None = None
     In a multi-process run call it on one rank per machine first, then on the others after a
     barrier: they find the cache. (Concurrent builders are safe, only wasteful.)
     """
-    check_config(cfg, tokenizer, model_max_length)
+    check_config(cfg, tokenizer, model_max_length, scan=False)
     seps = document_separators(tokenizer)
     train_sources = _resolve_all(cfg.data, "--data")
     eval_sources = _resolve_all(cfg.eval_data, "--eval_data") if cfg.eval_data is not None else None
@@ -390,7 +460,9 @@ def prepare_data(cfg: DataConfig, tokenizer, model_max_length: int | None = None
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "data": [_source_fingerprint(s) for s in train_sources],
         "eval_data": [_source_fingerprint(s) for s in eval_sources] if eval_sources else None,
-        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("data", "eval_data", "cache_dir", "num_proc")},
+        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("data", "eval_data", "cache_dir", "num_proc")
+                     and (k, v) not in _KEY_NEUTRAL
+                     and not (k == "eval_split" and (cfg.eval_data is not None or cfg.eval_fraction <= 0))},
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
     entry = _cache_root(cfg) / "blocks" / key
@@ -402,6 +474,9 @@ def prepare_data(cfg: DataConfig, tokenizer, model_max_length: int | None = None
     stats: dict = {}
     if eval_sources is not None:
         eval_docs = _load_documents(eval_sources, cfg, "--eval_data")
+    elif cfg.eval_fraction > 0 and (cfg.eval_split == "paragraphs" or cfg.eval_split == "auto" and len(docs) == 1):
+        docs, eval_docs, n_par, n_eval = _split_paragraphs(docs, cfg.eval_fraction)
+        stats.update(paragraphs=n_par, eval_paragraphs=n_eval)
     elif cfg.eval_fraction > 0:
         train_idx, eval_idx = _split_documents(len(docs), cfg.eval_fraction, cfg.split_seed)
         docs, eval_docs = docs.select(train_idx), docs.select(eval_idx)

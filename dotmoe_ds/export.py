@@ -20,10 +20,8 @@ import contextlib
 import json
 import logging
 import os
-import shlex
 import shutil
 import struct
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
@@ -33,6 +31,7 @@ from torch import Tensor, nn
 
 from .families import EXPERT_SIZE_MULTIPLE, FamilyAdapter
 from .layer import ExpertWeights
+from .provenance import is_hub_id, portable_command, public_model_name
 from .spec import MoESpec
 
 log = logging.getLogger(__name__)
@@ -99,7 +98,7 @@ def check_output_dir(output_dir: str | Path, overwrite: bool = False,
 # ---------------------------------------------------------------------- streaming safetensors
 
 @dataclass
-class _Planned:
+class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -115,13 +114,13 @@ class _Planned:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
-class _StreamingShardWriter:
+class StreamingShardWriter:
     """Writes tensors, in a fixed planned order, into safetensors shards whose headers are written
     first from the plan; each tensor's bytes go to disk as soon as it arrives."""
 
-    def __init__(self, directory: Path, plan: list[_Planned], max_shard_bytes: int, enabled: bool = True):
+    def __init__(self, directory: Path, plan: list[PlannedTensor], max_shard_bytes: int, enabled: bool = True):
         self.directory, self.enabled = directory, enabled
-        shards: list[list[_Planned]] = [[]]
+        shards: list[list[PlannedTensor]] = [[]]
         size = 0
         for p in plan:
             if shards[-1] and size + p.nbytes > max_shard_bytes:
@@ -133,7 +132,7 @@ class _StreamingShardWriter:
         self.shards = shards
         n = len(shards)
         self.filenames = [f"model-{s + 1:05d}-of-{n:05d}.safetensors" for s in range(n)]
-        self._pending: Iterator[_Planned] = iter(plan)
+        self._pending: Iterator[PlannedTensor] = iter(plan)
         self._plan = plan
         self._file = None
         self._open = -1
@@ -179,7 +178,7 @@ class _StreamingShardWriter:
         index = {"metadata": {"total_size": sum(p.nbytes for p in self._plan)},
                  "weight_map": {p.name: self.filenames[p.shard] for p in self._plan}}
         if self.enabled:
-            _write_json(self.directory / "model.safetensors.index.json", index)
+            write_json(self.directory / "model.safetensors.index.json", index)
         return index
 
     def abort(self) -> None:
@@ -198,12 +197,12 @@ class _Unit:
     mlp: nn.Module | None = None
 
 
-def _shape(t: Tensor) -> tuple[int, ...]:
+def tensor_shape(t: Tensor) -> tuple[int, ...]:
     # Under ZeRO-3 a parameter is a placeholder outside a gather; ds_shape is its real shape.
     return tuple(getattr(t, "ds_shape", t.shape))
 
 
-def _units(model: nn.Module, adapter: FamilyAdapter) -> list[_Unit]:
+def export_units(model: nn.Module, adapter: FamilyAdapter) -> list[_Unit]:
     layers = adapter.layers(model)
     state = model.state_dict(keep_vars=True)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -265,19 +264,19 @@ def export_moe(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, output_d
     target_config = adapter.target_config(dense_config, spec, expert_size=expert_size,
                                           router_aux_loss_coef=router_aux_loss_coef, dtype=dtype)
     gather = gather or (lambda params: contextlib.nullcontext())
-    units = _units(model, adapter)
+    units = export_units(model, adapter)
     hidden = dense_config.hidden_size
 
-    plan: list[_Planned] = []
+    plan: list[PlannedTensor] = []
     moe_names: set[str] = set()
     for unit in units:
         for name, t in unit.tensors:
             t_dtype = dtype if t.is_floating_point() else t.dtype
-            plan.append(_Planned(adapter.dense_to_target_name(name),
-                                 adapter.target_tensor_shape(name, _shape(t), dense_config), t_dtype))
+            plan.append(PlannedTensor(adapter.dense_to_target_name(name),
+                                      adapter.target_tensor_shape(name, tensor_shape(t), dense_config), t_dtype))
         if unit.layer_idx is not None:
             for name, shape in adapter.moe_tensor_shapes(unit.layer_idx, spec, hidden, expert_size):
-                plan.append(_Planned(name, shape, dtype))
+                plan.append(PlannedTensor(name, shape, dtype))
                 moe_names.add(name)
 
     def write_mlp(unit, write) -> dict:
@@ -297,8 +296,9 @@ def export_moe(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, output_d
     result = ExportResult(out, params, sorted(set(index["weight_map"].values())))
     if not is_writer:
         return result
-    source = str(source_dir) if source_dir is not None else getattr(dense_config, "_name_or_path", "") or None
-    command = command if command is not None else shlex.join([sys.executable, *sys.argv])
+    source = public_model_name(source_dir if source_dir is not None
+                               else getattr(dense_config, "_name_or_path", "") or None)
+    command = command if command is not None else portable_command()
     meta = _dotmoe_meta(adapter, spec, expert_size, method, source, dense_config, params, layers_meta, command,
                         extra_meta)
     publish(tmp, out, model, target_config, source_dir, meta, _model_card(meta))
@@ -306,7 +306,7 @@ def export_moe(model: nn.Module, adapter: FamilyAdapter, spec: MoESpec, output_d
     return result
 
 
-def stream_units(out: Path, units: list, plan: list[_Planned], *, gather: Gather, is_writer: bool,
+def stream_units(out: Path, units: list, plan: list[PlannedTensor], *, gather: Gather, is_writer: bool,
                  max_shard_bytes: int, tensor_name: Callable[[str], str],
                  write_mlp: Callable[[Any, Callable[[str, torch.Tensor], None]], dict],
                  tensor_value: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> tuple[Path, dict, list]:
@@ -320,7 +320,7 @@ def stream_units(out: Path, units: list, plan: list[_Planned], *, gather: Gather
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    writer = _StreamingShardWriter(tmp, plan, max_shard_bytes, enabled=is_writer)
+    writer = StreamingShardWriter(tmp, plan, max_shard_bytes, enabled=is_writer)
     layers_meta = []
     try:
         for unit in units:
@@ -352,9 +352,9 @@ def publish(tmp: Path, out: Path, model: nn.Module, target_config, source_dir: s
             for fname in TOKENIZER_FILES:
                 if (Path(source_dir) / fname).is_file():
                     shutil.copy2(Path(source_dir) / fname, tmp / fname)
-        _write_json(tmp / "dotmoe.json", meta)
+        write_json(tmp / "dotmoe.json", meta)
         (tmp / "README.md").write_text(card)
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -372,7 +372,7 @@ def _layer_meta(layer_idx: int, w: ExpertWeights) -> dict:
             "shared": w.shared_neurons.tolist() if w.shared_neurons is not None else None}
 
 
-def _count_params(plan: list[_Planned], moe_names: set[str], spec: MoESpec, expert_size: int,
+def _count_params(plan: list[PlannedTensor], moe_names: set[str], spec: MoESpec, expert_size: int,
                   hidden: int, num_layers: int, added: set[str] = frozenset()) -> ParamCounts:
     numel = {p.name: p.nbytes // torch.empty((), dtype=p.dtype).element_size() for p in plan}
     stored = sum(numel.values())
@@ -436,7 +436,7 @@ def _model_card(meta: dict) -> str:
     pad = (f"\nExperts are stored with {meta['expert_intermediate_size']} neurons; smaller experts are "
            "zero-padded (exact, see `dotmoe.json`). Parameter counts exclude the padding.\n"
            if meta["padding"]["padded"] else "")
-    base = f"base_model: {src}\n" if meta["source_model"] else ""
+    base = f"base_model: {src}\n" if meta["source_model"] and is_hub_id(src) else ""
     return f"""---
 library_name: transformers
 {base}tags:
@@ -488,7 +488,7 @@ def _add_legacy_config_keys(path: Path) -> None:
             cfg.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
     if "dtype" in cfg:
         cfg.setdefault("torch_dtype", cfg["dtype"])
-    _write_json(path, cfg)
+    write_json(path, cfg)
 
 
 def _write_generation_config(model: nn.Module, target_config, source_dir, tmp: Path) -> None:
@@ -501,13 +501,13 @@ def _write_generation_config(model: nn.Module, target_config, source_dir, tmp: P
     gen.to_json_file(tmp / "generation_config.json")
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished export to `out`, replacing what is there only after the new one is complete."""
     old = None
     if out.exists():

@@ -24,9 +24,7 @@ w1/w2/w3), which is why the export walks the live engine instead.
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,21 +35,25 @@ from torch import nn
 
 from dotmoe_ds import distributed as dist
 from dotmoe_ds.autoep_compat import apply_autoep_compat
-from dotmoe_ds.checkpoint import (EXIT_REQUEUE, CheckpointError, CheckpointInfo, StopSignal, checkpoint_dir,
-                                  load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from dotmoe_ds.checkpoint import (CheckpointError, CheckpointInfo, StopSignal, checkpoint_dir, load_checkpoint,
+                                  rng_state, save_checkpoint, set_rng_state)
 from dotmoe_ds.config import RunConfig, load_ds_config, precision_dtype, resolve_ds_config, zero_stage
-from dotmoe_ds.data import DataConfig, DataError, PackedData, check_config, train_batches
+from dotmoe_ds.data import DataConfig, DataError, PackedData, train_batches
 from dotmoe_ds.evaluate import perplexity, token_nll
-from dotmoe_ds.export import (TOKENIZER_FILES, ExportError, _move_into_place, _Planned, _StreamingShardWriter,
-                              _write_json, check_output_dir, read_dotmoe)
+from dotmoe_ds.export import (TOKENIZER_FILES, ExportError, PlannedTensor, StreamingShardWriter, check_output_dir,
+                              move_into_place, read_dotmoe, write_json)
 from dotmoe_ds.families import ADAPTERS, FamilyAdapter
 from dotmoe_ds.monitor import Monitor, Throughput, memory_gb
-from dotmoe_ds.train import (PreflightError, _data_config, _load_model_config, _output_action, _say, launch,
-                             load_data, open_run)
+from dotmoe_ds.provenance import portable_command, public_model_name
+from dotmoe_ds.runframe import (PreflightError, checked_data_config, launch, load_data, load_model_config, open_run,
+                                output_action, say, start_or_resume, stopped_exit)
 
 # The settings a resumed recovery must share with the run it continues, besides train.RESUME_KEYS:
 # the expert-parallel size fixes how the experts are partitioned in the checkpoint.
 RECOVER_RESUME_KEYS = ("phase", "ep_size", "trainable")
+# The settings every resumed recovery must share with the run it continues (data order, optimisation).
+TRAINING_RESUME_KEYS = ("model", "data", "eval_data", "eval_fraction", "seq_len", "batch_size", "grad_accum",
+                        "text_column", "text_unit", "router_lr_scale", "weights_lr_scale", "steps", "seed")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
@@ -170,7 +172,7 @@ def preflight_recovery(cfg: RunConfig) -> RecoveryPlan:
     if not (folder / "dotmoe.json").is_file():
         raise RecoverError(f"--model {model_path} is not an MoE exported by dotmoe (no dotmoe.json): --phase recover "
                            "continues training OUTPUT/model of a conversion; pass that folder")
-    hf_config = _load_model_config(str(folder))
+    hf_config = load_model_config(str(folder))
     experts = num_experts_of(hf_config)
     adapter = target_adapter(hf_config)
     meta = read_dotmoe(folder)
@@ -180,7 +182,7 @@ def preflight_recovery(cfg: RunConfig) -> RecoveryPlan:
     if cfg.objective.kd_weight or cfg.objective.z_weight:
         raise RecoverError("--kd_weight and --z_weight belong to the conversion; recovery training minimises "
                            "next-token cross-entropy only: drop them")
-    action, resume_from = _output_action(cfg, world)
+    action, resume_from = output_action(cfg, world, TRAINING_RESUME_KEYS)
     if resume_from is not None or action == "restart":
         _check_recover_resume(cfg, Path(cfg.checkpoint.output).expanduser() / "config.json")
     try:
@@ -188,8 +190,7 @@ def preflight_recovery(cfg: RunConfig) -> RecoveryPlan:
     except Exception as err:
         raise RecoverError(f"--model {model_path}: its tokenizer cannot be loaded ({type(err).__name__}); the export "
                            "folder needs the tokenizer files the exporter copies") from None
-    data_cfg = _data_config(cfg)
-    check_config(data_cfg, tokenizer, getattr(hf_config, "max_position_embeddings", None))
+    data_cfg = checked_data_config(cfg, tokenizer, hf_config)
     resolve_ds_config(ds_raw, cfg, world, Path(cfg.checkpoint.output) / "tensorboard", bf16_available=False)
     return RecoveryPlan(cfg=cfg, output=Path(cfg.checkpoint.output).expanduser(), model_path=str(folder),
                         hf_config=hf_config, meta=meta, adapter=adapter, tokenizer=tokenizer, data_cfg=data_cfg,
@@ -451,17 +452,17 @@ def export_recovered(model: nn.Module, adapter: FamilyAdapter, source_dir: str |
     out = check_output_dir(output_dir, overwrite=True, source_dir=source_dir)
     dtype = dtype or model.get_input_embeddings().weight.dtype
     units = _units(model)
-    plan: list[_Planned] = []
+    plan: list[PlannedTensor] = []
     for unit in units:
         for name, t in unit.tensors:
-            plan.append(_Planned(name, _shape(t), dtype if t.is_floating_point() else t.dtype))
+            plan.append(PlannedTensor(name, _shape(t), dtype if t.is_floating_point() else t.dtype))
         if unit.moe is not None:
-            plan += [_Planned(name, shape, dtype) for name, shape in _moe_plan(adapter, unit.layer_idx, unit.moe)]
+            plan += [PlannedTensor(name, shape, dtype) for name, shape in _moe_plan(adapter, unit.layer_idx, unit.moe)]
     tmp = out.parent / f".{out.name}.partial-recover"
     if is_writer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    writer = _StreamingShardWriter(tmp, plan, max_shard_bytes, enabled=is_writer)
+    writer = StreamingShardWriter(tmp, plan, max_shard_bytes, enabled=is_writer)
     try:
         for unit in units:
             with dist.gathered(unit.params):
@@ -484,10 +485,10 @@ def export_recovered(model: nn.Module, adapter: FamilyAdapter, source_dir: str |
                 shutil.copy2(source_dir / fname, tmp / fname)
         meta = read_dotmoe(source_dir)
         meta.setdefault("recoveries", []).append(recovery)
-        _write_json(tmp / "dotmoe.json", meta)
+        write_json(tmp / "dotmoe.json", meta)
         card = (source_dir / "README.md").read_text() if (source_dir / "README.md").is_file() else ""
         (tmp / "README.md").write_text(card + _recovery_card(recovery))
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -511,22 +512,19 @@ def _run(plan: RecoveryPlan, info: dist.DistInfo, wall_start: float) -> int:
     cfg = plan.cfg
     ds = open_run(plan, info)
     experts = num_experts_of(plan.hf_config)
-    _say(f"{plan.action} recovery run: {plan.model_path} ({plan.hf_config.model_type}, {experts} experts, "
+    say(f"{plan.action} recovery run: {plan.model_path} ({plan.hf_config.model_type}, {experts} experts, "
          f"top-{plan.hf_config.num_experts_per_tok}), {info.world_size} rank(s), expert-parallel size "
          f"{plan.ep_size} ({experts // plan.ep_size} experts per rank), ZeRO stage {zero_stage(ds)}, "
          f"{precision_dtype(ds)}, trainable {cfg.objective.trainable}; output {plan.output}")
     packed = load_data(plan)
     engine, hf_ds = build_engine(plan, ds)
 
-    stop = StopSignal().install()
-    try:
-        state = RecoveryState()
-        if plan.resume_from is not None:
-            state = resume_recovery(engine, plan.resume_from)
-            _say(f"resumed from {plan.resume_from.path} at step {state.step}")
-    except BaseException:
-        stop.uninstall()
-        raise
+    def resumed() -> RecoveryState:
+        state = resume_recovery(engine, plan.resume_from)
+        say(f"resumed from {plan.resume_from.path} at step {state.step}")
+        return state
+
+    stop, state = start_or_resume(resumed if plan.resume_from is not None else None, RecoveryState)
     monitor = Monitor(plan.output / "tensorboard" / "dotmoe", cfg.train.steps, state.step, enabled=info.is_main)
     if monitor.bar is not None:
         monitor.bar.set_description("recovering")
@@ -536,9 +534,7 @@ def _run(plan: RecoveryPlan, info: dist.DistInfo, wall_start: float) -> int:
         finally:
             stop.uninstall()
         if not finished:
-            _say(f"stopped by signal {stop.received} at step {state.step}; checkpoint saved, exiting with "
-                 f"{EXIT_REQUEUE} (requeue and rerun the same command to resume)")
-            return EXIT_REQUEUE
+            return stopped_exit(stop, state.step)
         res = finish_recovery(engine, plan, packed, state, monitor, wall_start, zero_stage(ds))
     finally:
         monitor.close()
@@ -556,7 +552,7 @@ def finish_recovery(engine, plan: RecoveryPlan, packed: PackedData, state: Recov
     recovery = {"steps": cfg.train.steps, "ep_size": plan.ep_size, "world_size": dist.world_size(),
                 "zero_stage": stage, "trainable": cfg.objective.trainable, "data": cfg.data.data,
                 "seq_len": cfg.data.seq_len, "seed": cfg.train.seed, "final_loss": state.last_loss,
-                "source": plan.model_path, "command": shlex.join([sys.executable, *sys.argv])}
+                "source": public_model_name(plan.model_path), "command": portable_command()}
     export_dir = None
     if cfg.eval.export:
         export_dir = str(export_recovered(engine.module, plan.adapter, plan.model_path, plan.output / "model",

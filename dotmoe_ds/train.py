@@ -34,7 +34,6 @@ if __name__ == "__main__" and not __package__:
 
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -44,13 +43,12 @@ import torch
 import torch.nn.functional as F
 
 from dotmoe_ds import distributed as dist
-from dotmoe_ds.checkpoint import (EXIT_REQUEUE, CheckpointError, CheckpointInfo, StopSignal, checkpoint_dir,
-                                  latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                                  world_size_message)
-from dotmoe_ds.config import (DEMO, ConfigError, RunConfig, load_ds_config, parse_args, precision_dtype,
+from dotmoe_ds.checkpoint import (CheckpointError, CheckpointInfo, StopSignal, checkpoint_dir, load_checkpoint,
+                                  rng_state, save_checkpoint, set_rng_state)
+from dotmoe_ds.config import (ConfigError, RunConfig, load_ds_config, parse_args, precision_dtype,
                               resolve_ds_config, zero_stage)
-from dotmoe_ds.data import DataConfig, DataError, PackedData, check_config, prepare_data, train_batches
-from dotmoe_ds.demo import DemoModelError, demo_data_files, resolve_model
+from dotmoe_ds.data import DataConfig, DataError, PackedData, train_batches
+from dotmoe_ds.demo import DemoModelError, resolve_model
 from dotmoe_ds.evaluate import perplexity, token_nll
 from dotmoe_ds.export import ExportError, export_moe
 from dotmoe_ds.families import FamilyAdapter, FamilyError, adapter_for
@@ -61,15 +59,14 @@ from dotmoe_ds.monitor import Monitor, RouterAccumulator, Throughput, assignment
 from dotmoe_ds import partition as partition_lib
 from dotmoe_ds.sharded_sinkhorn import broadcast_from_owners, select_plan_fn
 from dotmoe_ds.spec import MoESpec, SpecError, describe_budget, resolve_budget
-
-
-class PreflightError(ValueError):
-    """Bad input found before any expensive work; the message names the problem and the fix."""
+from dotmoe_ds.runframe import (EXIT_USAGE, PreflightError, check_causal_lm, checked_data_config,
+                                is_main_process, launch, load_data, load_model_config, open_run, output_action,
+                                say, stopped_exit)
+from dotmoe_ds.runlock import RunLockError
 
 
 USER_ERRORS = (ConfigError, PreflightError, SpecError, FamilyError, DataError, DemoModelError, ExportError,
-               CheckpointError)
-EXIT_USAGE = 2
+               CheckpointError, RunLockError)
 # Config keys a resumed run must share with the run it continues (they shape the model, the data
 # order or the optimisation); anything else (e.g. --log_every) may change on resume.
 RESUME_KEYS = ("model", "data", "eval_data", "eval_fraction", "seq_len", "batch_size", "grad_accum",
@@ -99,121 +96,6 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def _split_list(spec: str) -> list[str]:
-    return [s.strip() for s in spec.split(",") if s.strip()]
-
-
-def _looks_like_local_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or os.path.sep in name and Path(name).expanduser().exists()
-
-
-def _load_model_config(model: str):
-    from transformers import AutoConfig
-
-    path = Path(model).expanduser()
-    if _looks_like_local_path(model) and not path.exists():
-        raise PreflightError(f"--model {model}: no such folder; pass a local Hugging Face model folder, a hub id, "
-                             "or 'demo'")
-    if path.exists() and not path.is_dir():
-        raise PreflightError(f"--model {model} is a file; pass the model's folder (the one with config.json)")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise PreflightError(f"--model {model} has no config.json, so it is not a Hugging Face model folder; "
-                             "point --model at the folder that holds config.json and the weights")
-    try:
-        return AutoConfig.from_pretrained(str(path) if path.is_dir() else model)
-    except Exception as err:   # unknown hub id, offline, unknown model_type: the same advice applies
-        raise PreflightError(f"--model {model}: could not read its config ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''}). Pass a local Hugging Face "
-                             "model folder (or a hub id that is reachable/cached)") from None
-
-
-def _check_causal_lm(config, model: str) -> None:
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        arch = ", ".join(getattr(config, "architectures", None) or []) or "no architecture recorded"
-        raise PreflightError(f"--model {model} is not a causal language model (model_type "
-                             f"{config.model_type!r}, {arch}): DOT-MoE converts decoder-only LMs that "
-                             "AutoModelForCausalLM can load, e.g. Llama, Mistral, Qwen2/3, OLMo 2")
-
-
-def _data_config(cfg: RunConfig) -> DataConfig:
-    d = cfg.data
-    cache = d.cache_dir or None
-    if d.data.strip().lower() == DEMO:
-        files = demo_data_files()
-        data = [str(p) for p in files.calibration]
-        eval_data = ([str(p) for p in files.heldout] if not d.eval_data else _split_list(d.eval_data))
-        return DataConfig(data=data, eval_data=eval_data, eval_fraction=0.0, seq_len=d.seq_len,
-                          text_column=d.text_column, text_unit=d.text_unit, split_seed=cfg.train.seed,
-                          cache_dir=cache)
-    data = _split_list(d.data)
-    if not data:
-        raise PreflightError("--data is empty; pass text files, a folder, a glob or a datasets hub name")
-    if d.eval_data:
-        return DataConfig(data=data, eval_data=_split_list(d.eval_data), eval_fraction=0.0, seq_len=d.seq_len,
-                          text_column=d.text_column, text_unit=d.text_unit, split_seed=cfg.train.seed,
-                          cache_dir=cache)
-    if d.eval_fraction <= 0:
-        raise PreflightError("no held-out text: pass --eval_data, or --eval_fraction > 0 to hold out a share "
-                             "of --data's documents (the converted model is evaluated on text it never saw)")
-    return DataConfig(data=data, eval_data=None, eval_fraction=d.eval_fraction, seq_len=d.seq_len,
-                      text_column=d.text_column, text_unit=d.text_unit, split_seed=cfg.train.seed,
-                      cache_dir=cache)
-
-
-def _output_action(cfg: RunConfig, world_size: int) -> tuple[str, CheckpointInfo | None]:
-    out = Path(cfg.checkpoint.output).expanduser()
-    c = cfg.checkpoint
-    if out.exists() and not out.is_dir():
-        raise PreflightError(f"--output {out} is a file; choose a folder")
-    nonempty = out.is_dir() and any(out.iterdir())
-    ours = (out / "config.json").is_file()
-    latest = latest_checkpoint(checkpoint_dir(out)) if out.is_dir() else None
-    if c.overwrite:
-        if nonempty and not ours:
-            raise PreflightError(f"--output {out} is not empty and holds no config.json of an earlier dotmoe run; "
-                                 "--overwrite only replaces dotmoe run folders. Choose another --output")
-        return "overwrite", None
-    if c.resume:
-        if latest is None:
-            raise PreflightError(f"--resume: {checkpoint_dir(out)} holds no complete checkpoint to resume from; "
-                                 "drop --resume to start a new run, or check --output")
-        action = "resume"
-    elif nonempty:
-        finished = (out / "results.json").is_file()
-        if latest is not None and not finished:
-            action = "resume"      # automatic: e.g. a requeued SLURM job rerunning the same command
-        elif ours and not finished:
-            # A run of the same settings stopped before its first checkpoint: nothing to keep.
-            _check_resume_config(cfg, out / "config.json")
-            return "restart", None
-        else:
-            what = "a finished run" if finished else "no dotmoe run"
-            raise PreflightError(f"--output {out} already exists and holds {what}; pass --overwrite to replace it, "
-                                 "--resume to continue it, or choose another --output")
-    else:
-        return "fresh", None
-    if latest.world_size != world_size:
-        raise PreflightError(world_size_message(latest, world_size))
-    if ours:
-        _check_resume_config(cfg, out / "config.json")
-    return action, latest
-
-
-def _check_resume_config(cfg: RunConfig, saved_path: Path) -> None:
-    try:
-        saved = RunConfig.load(saved_path).flat()
-    except (ConfigError, ValueError, KeyError) as err:
-        raise PreflightError(f"{saved_path} cannot be read ({err}); pass --overwrite to start afresh") from None
-    now = cfg.flat()
-    changed = [f"--{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
-    if changed:
-        raise PreflightError(f"--output {saved_path.parent} holds a run with other settings ({'; '.join(changed)}); "
-                             "continue it with the original flags, pass --overwrite to start afresh, or choose "
-                             "another --output")
-
-
 def budget_spec(m, d_ff: int) -> MoESpec:
     """The exact MoESpec of the budget flags (--num_experts/--top_k/--shared_neurons, or --expert_size,
     --active_fraction, --capacities); a SpecError naming the nearest exact budgets otherwise."""
@@ -229,24 +111,22 @@ def preflight(cfg: RunConfig) -> Plan:
 
     world = dist.env_info().world_size
     model_path = resolve_model(cfg.model.model)   # packaged aliases (demo, qwen-coder) become folders
-    hf_config = _load_model_config(model_path)
-    _check_causal_lm(hf_config, cfg.model.model)
+    hf_config = load_model_config(model_path)
+    check_causal_lm(hf_config, cfg.model.model)
     adapter = adapter_for(hf_config)
     spec = budget_spec(cfg.moe, int(hf_config.intermediate_size))
     adapter.validate(hf_config, spec)
     # The resolved budget is what config.json records (and what a resumed run is compared against).
     cfg.moe.num_experts, cfg.moe.top_k = spec.num_experts, spec.top_k
-    _say(f"budget: {describe_budget(spec)}")
-    action, resume_from = _output_action(cfg, world)
+    say(f"budget: {describe_budget(spec)}")
+    action, resume_from = output_action(cfg, world, RESUME_KEYS)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except Exception as err:
         raise PreflightError(f"--model {cfg.model.model}: its tokenizer cannot be loaded ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''}); the model folder needs its "
                              "tokenizer files") from None
-    data_cfg = _data_config(cfg)
-    max_pos = getattr(hf_config, "max_position_embeddings", None)
-    check_config(data_cfg, tokenizer, max_pos)
+    data_cfg = checked_data_config(cfg, tokenizer, hf_config)
     ds_raw = load_ds_config(cfg.train.deepspeed)
     resolve_ds_config(ds_raw, cfg, world, Path(cfg.checkpoint.output) / "tensorboard", bf16_available=False)
     return Plan(cfg=cfg, output=Path(cfg.checkpoint.output).expanduser(), model_path=model_path,
@@ -733,65 +613,6 @@ def finish(engine, layers, plan: Plan, packed: PackedData, state: LoopState, mon
 
 # ====================================================================== the run
 
-def _prepare_output(plan: Plan) -> None:
-    """Rank 0: create or clear the output folder and record the resolved config."""
-    import shutil
-
-    out = plan.output
-    if plan.action in ("overwrite", "restart") and out.is_dir():
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    plan.cfg.save(out / "config.json")
-
-
-def _say(msg: str) -> None:
-    if dist.is_main():
-        print(f"[dotmoe] {msg}", flush=True)
-
-
-def launch(cfg: RunConfig, preflight_fn, body) -> int:
-    """The frame of a phase: threads, `preflight_fn(cfg)` (before any process group exists, so a bad
-    flag costs nothing), the process group, `body(plan, info, wall_start)`, and always the shutdown."""
-    wall_start = time.perf_counter()
-    dist.set_threads(cfg.train.threads)
-    plan = preflight_fn(cfg)
-    info = dist.init_distributed()
-    try:
-        return body(plan, info, wall_start)
-    finally:
-        dist.shutdown()
-
-
-def open_run(plan, info: dist.DistInfo) -> dict:
-    """Seeds, lets rank 0 prepare OUTPUT (config.json), and resolves the DeepSpeed config for this
-    world (written to OUTPUT/ds_config.json). Collective. `plan` needs .cfg, .output, .action, .ds_raw."""
-    import logging
-
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    torch.manual_seed(plan.cfg.train.seed)
-    if info.is_main:
-        _prepare_output(plan)
-    dist.barrier()
-    bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    ds = resolve_ds_config(plan.ds_raw, plan.cfg, info.world_size, plan.output / "tensorboard", bf16_ok)
-    if info.is_main:
-        (plan.output / "ds_config.json").write_text(json.dumps(ds, indent=1) + "\n")
-    return ds
-
-
-def load_data(plan) -> PackedData:
-    """Tokenised, packed training and held-out blocks (rank 0 builds the cache, the others then read
-    it), logged. `plan` needs .cfg, .data_cfg, .tokenizer, .hf_config."""
-    with dist.main_first():
-        packed = prepare_data(plan.data_cfg, plan.tokenizer, getattr(plan.hf_config, "max_position_embeddings", None))
-    _say(f"data: {len(packed.train)} training blocks, {0 if packed.eval is None else len(packed.eval)} held-out "
-         f"blocks of {plan.cfg.data.seq_len} tokens")
-    return packed
-
-
 def run(cfg: RunConfig) -> int:
     return launch(cfg, preflight, _run)
 
@@ -801,7 +622,7 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
 
     cfg = plan.cfg
     ds = open_run(plan, info)
-    _say(f"{plan.action} run: {cfg.model.model} ({plan.hf_config.model_type}, {plan.adapter.describe()}), "
+    say(f"{plan.action} run: {cfg.model.model} ({plan.hf_config.model_type}, {plan.adapter.describe()}), "
          f"{info.world_size} rank(s), ZeRO stage {zero_stage(ds)}, {precision_dtype(ds)}; budget "
          f"E={plan.spec.num_experts} k={plan.spec.top_k} shared={plan.spec.shared} "
          f"({plan.spec.active_fraction:.0%} of the FFN active); output {plan.output}")
@@ -816,12 +637,12 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
     # hard and dense modes (evaluation, export, calibration) never compute a plan.
     plan_fn, plan_msg = select_plan_fn(cfg.moe.sinkhorn_mode, d_ff=plan.spec.d_ff)
     set_plan_fn(model, plan_fn)
-    _say(plan_msg)
+    say(plan_msg)
     groups = select_trainable(model, layers, cfg, float(ds["optimizer"]["params"]["lr"]))
     aux = AuxLosses(moe_layers, cfg.objective.lb_weight, cfg.objective.z_weight, cfg.data.grad_accum)
     if not groups:   # nothing trains (--method prune --trainable assignment): no optimizer, no steps
         ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
-        _say("nothing to train: the model is evaluated and exported as initialised")
+        say("nothing to train: the model is evaluated and exported as initialised")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups or None, config=ds)
 
     # From here on a stop signal is a flag honoured at the first step boundary (with a checkpoint),
@@ -830,7 +651,7 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
     try:
         if plan.resume_from is not None:
             state = resume(engine, moe_layers, plan.resume_from)
-            _say(f"resumed from {plan.resume_from.path} at step {state.step}")
+            say(f"resumed from {plan.resume_from.path} at step {state.step}")
         else:
             n_calib = max(1, -(-cfg.moe.calib_tokens // cfg.data.seq_len))
             calib = torch.from_numpy(packed.train[:n_calib].astype("int64"))
@@ -840,7 +661,7 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
                 init = initialise_assignment(engine, layers, cfg, calib)
             state = LoopState()
             what = init.get("what") or f"initial partition '{cfg.partition}' and router '{cfg.moe.router_init}'"
-            _say(f"{what} in {init['init_seconds']:.1f} s")
+            say(f"{what} in {init['init_seconds']:.1f} s")
     except BaseException:
         stop.uninstall()
         raise
@@ -853,9 +674,7 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
         finally:
             stop.uninstall()
         if not finished:
-            _say(f"stopped by signal {stop.received} at step {state.step}; checkpoint saved, exiting with "
-                 f"{EXIT_REQUEUE} (requeue and rerun the same command to resume)")
-            return EXIT_REQUEUE
+            return stopped_exit(stop, state.step)
         aux.remove()
         res = finish(engine, layers, plan, packed, state, monitor, wall_start)
     finally:
@@ -866,10 +685,6 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
             print(f"converted model: {res['export']['dir']}", flush=True)
     del hf_ds
     return 0
-
-
-def _is_main_env() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -888,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_recovery(cfg)
         return run(cfg)
     except USER_ERRORS as err:
-        if _is_main_env():
+        if is_main_process():
             print(f"dotmoe: error: {err}", file=sys.stderr, flush=True)
         return EXIT_USAGE
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dotmoe_ds import baselines, train
+from dotmoe_ds import baselines, runframe
 from dotmoe_ds.baselines import PrunedFFN, choose_kept, kept_count, neuron_importance
 from dotmoe_ds.config import parse_args
 from dotmoe_ds.data import prepare_data
@@ -194,7 +194,7 @@ def _dense_importance_choice(root, argv, kept):
     blocks, partition.activation_importance (p=2), top `kept`."""
     cfg = parse_args(argv)
     dense = AutoModelForCausalLM.from_pretrained(root / "llama", dtype=torch.float32).eval()
-    packed = prepare_data(train._data_config(cfg), AutoTokenizer.from_pretrained(root / "llama"), 256)
+    packed = prepare_data(runframe.data_config(cfg), AutoTokenizer.from_pretrained(root / "llama"), 256)
     calib = torch.from_numpy(packed.train[: -(-cfg.moe.calib_tokens // cfg.data.seq_len)].astype("int64"))
     hs = {}
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(

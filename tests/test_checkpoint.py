@@ -149,3 +149,85 @@ def test_stop_signal_turns_signals_into_a_flag():
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.requested and stop.received == signal.SIGUSR1
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+# ---------------------------------------------------------------------- verification
+
+def test_the_manifest_records_every_file_and_catches_damage(tmp_path):
+    from dotmoe_ds.checkpoint import file_checksum, resume_candidates, verify_checkpoint
+
+    ckpt = tmp_path / "checkpoints"
+    info = _save(ckpt, 2, 2.0)
+    meta = json.loads((info.path / META).read_text())
+    assert meta["checksum"] == "crc32"
+    assert sorted(meta["files"]) == ["model_states.pt", "optim_states.pt", "rank00000.pt"]
+    for name, (size, crc) in meta["files"].items():
+        assert (info.path / name).stat().st_size == size and file_checksum(info.path / name) == crc
+    assert verify_checkpoint(info) is None
+    optim = info.path / "optim_states.pt"
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0xFF                         # same size, one byte flipped
+    optim.write_bytes(bytes(data))
+    assert verify_checkpoint(info, checksums=False) is None
+    assert "fails its crc32 checksum" in verify_checkpoint(info)
+    # Spread over two ranks, the flipped file (index 1 of 3) is rank 1's to hash.
+    assert verify_checkpoint(info, rank=0, world=2) is None
+    assert "fails its crc32 checksum" in verify_checkpoint(info, rank=1, world=2)
+    optim.write_bytes(bytes(data[:100]))
+    assert "has 100 bytes, its manifest says" in verify_checkpoint(info, checksums=False)
+    optim.unlink()
+    assert "is missing" in verify_checkpoint(info, checksums=False)
+    assert [c.step for c in resume_candidates(ckpt)] == [2]
+
+
+def test_resume_candidates_skip_lost_folders_and_unfinished_saves(tmp_path):
+    from dotmoe_ds.checkpoint import resume_candidates
+
+    ckpt = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        _save(ckpt, step, float(step), keep=5)
+    (ckpt / tag_for(4)).mkdir()                          # a save killed before its manifest
+    assert [c.step for c in resume_candidates(ckpt)] == [3, 2, 1]
+    import shutil
+    shutil.rmtree(ckpt / tag_for(3))                     # `latest` names a folder that is gone
+    assert [c.step for c in resume_candidates(ckpt)] == [2, 1]
+    (ckpt / LATEST).unlink()
+    assert resume_candidates(ckpt) == []
+
+
+def test_prune_never_counts_a_damaged_checkpoint_towards_keep(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    _save(ckpt, 1, 1.0, keep=2)
+    _save(ckpt, 2, 2.0, keep=2)
+    (ckpt / tag_for(2) / "optim_states.pt").write_bytes(b"cut")     # step 2 damaged on disk
+    _save(ckpt, 3, 3.0, keep=2)
+    # keep=2 keeps the two newest INTACT checkpoints: 3 and 1; the damaged 2 goes.
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == [tag_for(1), tag_for(3)]
+
+
+def test_confirm_resume_point_falls_back_and_moves_latest(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from dotmoe_ds.checkpoint import resume_candidates
+    from dotmoe_ds.runframe import confirm_resume_point
+
+    out = tmp_path / "out"
+    ckpt = out / "checkpoints"
+    for step in (2, 4):
+        _save(ckpt, step, float(step), keep=3)
+    newest = resume_candidates(ckpt)[0]
+    model = newest.path / "model_states.pt"
+    data = bytearray(model.read_bytes())
+    data[-10] ^= 0x01
+    model.write_bytes(bytes(data))
+    plan = SimpleNamespace(output=out, resume_from=newest)
+    chosen = confirm_resume_point(plan)
+    assert chosen.step == 2 and (ckpt / LATEST).read_text() == tag_for(2)
+    log = capsys.readouterr().out
+    assert f"{newest.path} is damaged" in log and "fails its crc32 checksum" in log
+    plan = SimpleNamespace(output=out, resume_from=chosen)
+    data = bytearray((chosen.path / "optim_states.pt").read_bytes())
+    data[-10] ^= 0x01
+    (chosen.path / "optim_states.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        confirm_resume_point(plan)

@@ -390,6 +390,10 @@ def test_errors_that_need_the_text(tmp_path, cache):
         prepare_data(DataConfig(data=str(swapped), eval_fraction=0.5, seq_len=24, cache_dir=cache), tok)
     one_doc = write_jsonl(tmp_path / "one.jsonl", [doc_text(0, 30)])
     with pytest.raises(DataError, match=r"eval_fraction needs at least 2 documents"):
+        prepare_data(DataConfig(data=str(one_doc), eval_fraction=0.1, seq_len=4, eval_split="documents",
+                                cache_dir=cache), tok)
+    # A single document is split by paragraphs instead (auto), which needs two of them.
+    with pytest.raises(DataError, match=r"eval_fraction needs at least 2 paragraphs"):
         prepare_data(DataConfig(data=str(one_doc), eval_fraction=0.1, seq_len=4, cache_dir=cache), tok)
 
 

@@ -240,7 +240,7 @@ def test_reexport_reloads_and_matches_the_engine(moe, ep2):
     from dotmoe_ds.config import RunConfig
     from dotmoe_ds.data import prepare_data
     from dotmoe_ds.evaluate import perplexity
-    from dotmoe_ds.train import _data_config
+    from dotmoe_ds.runframe import data_config
 
     root, source = moe
     out, _ = ep2
@@ -252,7 +252,7 @@ def test_reexport_reloads_and_matches_the_engine(moe, ep2):
     # must score them the same: the same logits on 8 x 31 predictions.
     cfg = RunConfig.load(out / "config.json")
     os.environ["DOTMOE_CACHE"] = str(root / "cache")
-    packed = prepare_data(_data_config(cfg), AutoTokenizer.from_pretrained(out / "model"), 256)
+    packed = prepare_data(data_config(cfg), AutoTokenizer.from_pretrained(out / "model"), 256)
     ev = perplexity(model.eval(), packed.eval, batch_size=cfg.eval.eval_batch_size, max_blocks=cfg.eval.eval_blocks)
     assert ev.tokens == res["eval"]["tokens"] == 8 * 31
     assert abs(ev.mean_nll - res["eval"]["mean_nll"]) <= 1e-6, (ev.mean_nll, res["eval"]["mean_nll"])

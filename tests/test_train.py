@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from dotmoe_ds import train
+from dotmoe_ds import runframe, train
 from dotmoe_ds.layer import DotMoEFFN, set_mode
 from dotmoe_ds.spec import MoESpec
 from dotmoe_ds.tiny_models import save_tiny_model
@@ -30,7 +30,7 @@ def no_expensive_work(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("expensive work started before the input was checked")
     monkeypatch.setattr(train.dist, "init_distributed", forbidden)
-    monkeypatch.setattr(train, "prepare_data", forbidden)
+    monkeypatch.setattr(runframe, "prepare_data", forbidden)
     monkeypatch.setattr(train, "build_model", forbidden)
 
 
