@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dotmoe_ds import train
+from dotmoe_ds import runframe, train
 from dotmoe_ds.spec import SpecError, describe_budget, resolve_budget
 from dotmoe_ds.tiny_models import save_tiny_model
 
@@ -135,7 +135,7 @@ def test_preflight_refuses_bad_budgets_before_the_model_loads(tiny, tmp_path, ca
     def forbidden(*a, **k):
         raise AssertionError("expensive work started before the budget was checked")
     monkeypatch.setattr(train, "build_model", forbidden)
-    monkeypatch.setattr(train, "prepare_data", forbidden)
+    monkeypatch.setattr(runframe, "prepare_data", forbidden)
     monkeypatch.setattr(train.dist, "init_distributed", forbidden)
     assert train.main(_argv(tiny, tmp_path, **flags)) == train.EXIT_USAGE
     err = capsys.readouterr().err
