@@ -586,7 +586,7 @@ def _run_command(cmd: list[str], env: dict, log, timeout: float) -> tuple[int | 
         return None, f"timed out after {timeout:.0f} s"
 
 
-def _last_error(log_text: str) -> str:
+def last_error_line(log_text: str) -> str:
     lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
     for ln in reversed(lines):
         if any(k in ln for k in ("Error", "error:", "FAILED", "Traceback", "failed")):
@@ -635,7 +635,7 @@ def run_step(step: Step, ctx: Ctx, remaining: float) -> dict:
     rec["seconds"] = round(time.perf_counter() - start, 1)
     text = log_path.read_text(errors="replace")
     if status == "fail" and not reason.startswith("timed out"):
-        reason += f": {_last_error(text)}"
+        reason += f": {last_error_line(text)}"
     for fn in (step.collect,):
         try:
             fn(ctx)
@@ -758,6 +758,8 @@ def make_shape_model(out: str) -> int:
 
 
 def _gpu_count(ctx: Ctx) -> int:
+    if shutil.which("nvidia-smi") is None:    # no NVIDIA driver: no need to start torch to know
+        return 0
     code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
     try:
         rc, out = _sh([ctx.python, "-c", code], ctx.env, timeout=120)
