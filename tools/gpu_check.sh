@@ -9,17 +9,19 @@
 #                          bash tools/gpu_check.sh --dry_run  # validates every step, no CUDA needed
 #
 # On the device (device tool `run`; two calls back to back: the machine stays warm only ~30 s and
-# call 2 needs what call 1 staged):
-#   call 1: carry [".whl", ".gpu_a"]  timeout_s 420
-#           command: bash tools/gpu_check.sh --part a --budget 330
-#   call 2: carry [".whl", ".gpu_b"]  timeout_s 480
-#           command: bash tools/gpu_check.sh --part b --budget 400
-#   rerun one step (machine still warm): carry [".whl"]  command: bash tools/gpu_check.sh --only STEP
-# Call 1 runs env, cuda_tests, the three benchmarks (SmolLM2's shape, random weights) and the fast
-# suite, and stages the GGUF's first half; call 2 joins the halves (sha256), dequantises, and runs
-# convert, quality_dot, quality_prune. What comes back: $OUT/summary.md and $OUT/gpu_results.tar.gz;
-# here: mkdir -p results/gpu && tar xzf FILES_AT/gpu_results.tar.gz -C results/gpu, then commit
-# results/gpu/ (the tarball of call 2 holds call 1's records too when the machine stayed warm).
+# call 2 needs the GGUF half and wheels call 1 staged in the ignored .gpu_state/):
+#   call 1: carry [".whl", ".gpu_a"]  timeout_s 300
+#           command: bash tools/gpu_check.sh --part a --budget 210
+#   call 2: carry [".whl", ".gpu_b"]  timeout_s 360   (at once after call 1)
+#           command: bash tools/gpu_check.sh --part b --budget 270
+#   rerun one step (machine still warm): carry [".whl"]  timeout_s 260
+#           command: bash tools/gpu_check.sh --only STEP --budget 200
+#   machine went cold before call 2: call 1's carry with `--part a --stage_only`, then call 2 at once.
+# Call 1 runs env, cuda_tests, the three benchmarks (SmolLM2's shape, random weights) and, with time
+# left, the fast suite; call 2 joins the halves (sha256), dequantises, and runs convert, then with
+# time left quality_dot and quality_prune. What comes back: $OUT/summary.md and
+# $OUT/gpu_results.tar.gz; here: mkdir -p results/gpu && tar xzf FILES_AT/gpu_results.tar.gz -C
+# results/gpu, then commit results/gpu/ (README "GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then
