@@ -831,7 +831,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Ctx(python=sys.executable, results=results, dry_run=args.dry_run, env=env)
     if args.dry_run:
         ctx.env.pop("DOTMOE_CACHE")     # validation reads nothing from it
-    records = [stage(ctx)]
+    try:
+        records = [stage(ctx)]
+    except Exception as e:               # staging must not stop the steps that need none of it
+        records = [{"name": "stage", "status": "fail", "reason": f"{type(e).__name__}: {e}", "notes": [],
+                    "commands": [], "figures": [], "seconds": None, "log": "logs/stage.log", "when": _now()}]
     if not args.dry_run:
         ctx.n_gpus = _gpu_count(ctx)
         if ctx.n_gpus:

@@ -12,8 +12,8 @@
 # call 2 needs the GGUF half and wheels call 1 staged in the ignored .gpu_state/):
 #   call 1: carry [".whl", ".gpu_a"]  timeout_s 300
 #           command: bash tools/gpu_check.sh --part a --budget 210
-#   call 2: carry [".whl", ".gpu_b"]  timeout_s 360   (at once after call 1)
-#           command: bash tools/gpu_check.sh --part b --budget 270
+#   call 2: carry [".whl", ".gpu_b"]  timeout_s 390   (at once after call 1)
+#           command: bash tools/gpu_check.sh --part b --budget 300
 #   rerun one step (machine still warm): carry [".whl"]  timeout_s 260
 #           command: bash tools/gpu_check.sh --only STEP --budget 200
 #   machine went cold before call 2: call 1's carry with `--part a --stage_only`, then call 2 at once.
