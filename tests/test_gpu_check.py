@@ -99,3 +99,32 @@ def test_unknown_step_is_a_usage_error(tmp_path):
 ])
 def test_last_error_line(text, expected):
     assert gpu_check.last_error_line(text) == expected
+
+
+def test_a_failing_or_hanging_step_never_stops_the_next(tmp_path, monkeypatch):
+    """Real execution with stand-in steps: a failure and a timeout are recorded with their reasons,
+    the next steps still run, the budget skips what does not fit, and a second call repeats nothing."""
+    py = sys.executable
+    Step = gpu_check.Step
+    steps = [
+        Step("fails", "exits 3", (), 1, 30, lambda ctx: [[py, "-c", "import sys; print('ValueError: boom'); sys.exit(3)"]]),
+        Step("hangs", "sleeps past its timeout", (), 1, 1, lambda ctx: [[py, "-c", "import time; time.sleep(30)"]]),
+        Step("works", "prints a figure", (), 1, 30, lambda ctx: [[py, "-c", "print('ratio 1.5')"]],
+             figures=lambda ctx, log: gpu_check.lines_starting(log, "ratio")),
+        Step("too_long", "needs more than the budget", (), 10_000, 30, lambda ctx: [[py, "-c", "pass"]]),
+    ]
+    monkeypatch.setattr(gpu_check, "STEPS", steps)
+    monkeypatch.setattr(gpu_check, "STEP_NAMES", [s.name for s in steps])
+    monkeypatch.setattr(gpu_check, "_gpu_count", lambda ctx: 0)
+    records, summary = _run(["--budget", "120"], tmp_path, monkeypatch)
+    assert records["fails"]["status"] == "fail" and "exit 3" in records["fails"]["reason"]
+    assert "ValueError: boom" in records["fails"]["reason"]
+    assert records["hangs"]["status"] == "fail" and records["hangs"]["reason"] == "timed out after 1 s"
+    assert records["works"]["status"] == "pass" and records["works"]["figures"] == ["ratio 1.5"]
+    assert records["too_long"]["status"] == "skip" and records["too_long"]["reason"].startswith("time budget")
+    assert "ratio 1.5" in summary and (tmp_path / "results" / "logs" / "fails.log").is_file()
+    logs = tmp_path / "results" / "logs"
+    before = {n: (logs / f"{n}.log").stat().st_mtime_ns for n in ("fails", "hangs", "works")}
+    records2, _ = _run(["--budget", "120"], tmp_path, monkeypatch)
+    assert {n: (logs / f"{n}.log").stat().st_mtime_ns for n in before} == before    # kept, not rerun
+    assert records2["works"] == records["works"]

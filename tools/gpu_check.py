@@ -108,14 +108,14 @@ class Step:
 
 # ---------------------------------------------------------------------- figures from logs
 
-def _lines(log: str, *starts: str) -> list[str]:
+def lines_starting(log: str, *starts: str) -> list[str]:
     return [ln.strip() for ln in log.splitlines() if ln.strip().startswith(starts)]
 
 
 def _pytest_summary(ctx: Ctx, log: str) -> list[str]:
     hits = [ln.strip("= ").strip() for ln in log.splitlines() if " passed" in ln or " failed" in ln
             or " error" in ln or " skipped" in ln]
-    return hits[-1:] + _lines(log, "FAILED", "SKIPPED", "ERROR")[:20]
+    return hits[-1:] + lines_starting(log, "FAILED", "SKIPPED", "ERROR")[:20]
 
 
 def _env_figures(ctx: Ctx, log: str) -> list[str]:
@@ -137,7 +137,7 @@ def _sinkhorn_figures(ctx: Ctx, log: str) -> list[str]:
 
 
 def _convert_figures(ctx: Ctx, log: str) -> list[str]:
-    out = _lines(log, "converted model:", "perplexity retention")
+    out = lines_starting(log, "converted model:", "perplexity retention")
     res = STATE / "runs" / "convert" / "results.json"
     if res.is_file():
         r = json.loads(res.read_text())
@@ -267,7 +267,7 @@ STEPS: list[Step] = [
          ("cuda",), 40, 240, _cmd_bench_sinkhorn, _sinkhorn_figures),
     Step("bench_step", "tools/bench_step.py on cuda, bf16, SmolLM2's shape (random weights), 8 x 1024",
          ("cuda",), 40, 240, _cmd_bench_step,
-         lambda ctx, log: _lines(log, "model:", "dense fine-tuning step", "DOT-MoE conversion step", "ratio")),
+         lambda ctx, log: lines_starting(log, "model:", "dense fine-tuning step", "DOT-MoE conversion step", "ratio")),
     Step("bench_recover", "tools/bench_recover.py --device cuda through `deepspeed`: MoE recovery (AutoEP) vs "
          "dense fine-tuning tokens/s, E=8 k=4 (50% active), SmolLM2's shape",
          ("cuda",), 60, 300, _cmd_bench_recover,
@@ -661,7 +661,11 @@ def write_summary(results: Path, header: list[str]) -> Path:
         r = json.loads(f.read_text())
         records[r["name"]] = r
     order = ["stage"] + STEP_NAMES
-    lines = ["# GPU check (`tools/gpu_check.sh`)", "", *header, "",
+    env = records.get("env") or {}
+    device = [f.removeprefix("env: ") for f in env.get("figures", []) if f.startswith(("env: device", "env: torch"))]
+    where = (["Measured on: " + "; ".join(device) + "."] if env.get("status") == "pass" and device else
+             ["Measured on: no `env` record from a GPU machine yet."])
+    lines = ["# GPU check (`tools/gpu_check.sh`)", "", *header, *where, "",
              "| step | status | seconds | when (UTC) | reason |", "|---|---|---|---|---|"]
     for name in order:
         r = records.get(name)
