@@ -21,7 +21,7 @@ folder is not repeated (a second call goes on where the first stopped); --only n
 what they carry, so the same steps list serves both.
 Results: DIR/summary.md (a table and, per step, its commands, figures and log), DIR/logs/STEP.log,
 DIR/steps/STEP.json, plus copied outputs (DIR/quality_full/, DIR/convert/). DIR is results/gpu, or
-.gpu_state/results when $OUT is set (the device machine: the tree is re-sent with each call, so
+.gpu_state/dry_run for a dry run, or .gpu_state/results when $OUT is set (the device machine: the tree is re-sent with each call, so
 only ignored paths persist); with $OUT set, DIR is also packed into $OUT/gpu_results.tar.gz and
 summary.md copied to $OUT.
 
@@ -782,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=420.0,
                    help="seconds this invocation may spend on steps; a step that needs more is skipped")
     p.add_argument("--results", default=None, help="results folder (default: results/gpu; .gpu_state/results "
-                                                   "when $OUT is set)")
+                                                   "when $OUT is set; .gpu_state/dry_run for --dry_run)")
     p.add_argument("--dry_run", action="store_true", help="validate every step without running anything")
     p.add_argument("--state", default=str(STATE), help="device-side state folder (installed wheels, model, runs)")
     p.add_argument("--carried", default=str(CARRIED), help="folder holding the carried .whl/, .gpu_a/, .gpu_b/")
@@ -814,7 +814,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out_env = os.environ.get("OUT")
-    results = Path(args.results) if args.results else (STATE / "results" if out_env else ROOT / "results" / "gpu")
+    # results/gpu/ holds only what a GPU measured: a dry run writes beside the device-side state.
+    default = STATE / "dry_run" if args.dry_run else (STATE / "results" if out_env else ROOT / "results" / "gpu")
+    results = Path(args.results) if args.results else default
     results = results if results.is_absolute() else ROOT / results
     (results / "logs").mkdir(parents=True, exist_ok=True)
     (results / "steps").mkdir(parents=True, exist_ok=True)
