@@ -3,8 +3,8 @@
 Skipped without CUDA (every CPU machine, CI included); tools/gpu_check.sh runs them on a GPU
 (step `cuda_tests`). Tolerances, and why:
 - fp32 layer, Sinkhorn plan and gradients: 1e-5 absolute. The same float32 operations in another
-  order (GPU reductions are tree-shaped); PyTorch keeps TF32 off for float32 matrix products by
-  default, which the first test asserts, so no 10-bit-mantissa products sneak in.
+  order (GPU reductions are tree-shaped); TF32 stays off for float32 products (PyTorch's default,
+  and a fixture here makes sure), so no 10-bit-mantissa products sneak in.
 - float64 Sinkhorn: 1e-12 (the plan is O(1); float64 rounding differences stay near 1e-15 per op).
 - rounding: identical assignments. It runs on the CPU in float64 whatever the input's device, so a
   GPU plan must give the very same hard assignment as the CPU plan it equals to 1e-5 (the test
@@ -94,8 +94,11 @@ def sinkhorn_results(device: str, dtype: torch.dtype) -> dict:
 
 @pytest.fixture(autouse=True)
 def _no_tf32():
-    assert not torch.backends.cuda.matmul.allow_tf32, "TF32 products would loosen the fp32 tolerances"
+    """float32 products in full float32 (PyTorch's default; set here in case an import changed it)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_layer_on_cuda_matches_cpu():
