@@ -755,6 +755,7 @@ def make_shape_model(out: str) -> int:
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     save_tiny_model("llama", tmp, initializer_range=0.02, **SMOLLM2_SHAPE)
     tmp.rename(out_dir)
     print(f"wrote {out_dir}")
