@@ -141,7 +141,10 @@ def _convert_figures(ctx: Ctx, log: str) -> list[str]:
     res = STATE / "runs" / "convert" / "results.json"
     if res.is_file():
         r = json.loads(res.read_text())
-        out.append(f"held-out ppl (engine, bf16): dense {r['dense']['perplexity']:.2f}, converted "
+        ds_file = res.with_name("ds_config.json")
+        ds = json.loads(ds_file.read_text()) if ds_file.is_file() else {}
+        precision = "bf16" if ds.get("bf16", {}).get("enabled") is True else "fp32"
+        out.append(f"held-out ppl (engine, {precision}): dense {r['dense']['perplexity']:.2f}, converted "
                    f"{r['converted']['perplexity']:.2f} ({r['dense']['tokens']} tokens), steps {r['steps']}, "
                    f"{r['world_size']} rank(s), wall {r['wall_seconds']:.0f} s, final train loss "
                    f"{r['final_train_loss']}")
