@@ -44,7 +44,17 @@ def _eval_parser():
     parser.add_argument("--lm_eval_limit", type=int, default=None, help="at most this many documents per lm-eval task")
     parser.add_argument("--output", default=None, help="json file for the results (default: print only)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar while scoring the cloze items")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs (auto: cuda when a GPU is visible, else cpu)")
     return parser
+
+
+def _eval_device(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def eval_main(argv: list[str]) -> int:
@@ -76,7 +86,7 @@ def eval_main(argv: list[str]) -> int:
                                 cloze_method=args.cloze_method, ppl_blocks=args.ppl_blocks, seq_len=args.seq_len,
                                 batch_size=args.batch_size, lm_eval_tasks=args.lm_eval_tasks,
                                 lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
-                                progress=args.progress)
+                                progress=args.progress, device=_eval_device(args.device))
         result = evaluate_model(args.model, settings)
     except (EvalError, DataError, DemoModelError) as err:
         print(f"dotmoe eval: error: {err}", file=sys.stderr)

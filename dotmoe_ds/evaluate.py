@@ -636,6 +636,7 @@ class EvalSettings:
     lm_eval_include: list[str] | None = None
     lm_eval_limit: int | None = None
     progress: bool = False
+    device: str = "cpu"                 # where the model runs ("cuda" on a GPU machine)
 
 
 def _check_data(data: Sequence[str]) -> None:
@@ -670,7 +671,7 @@ def evaluate_model(model_dir: str | Path, settings: EvalSettings = EvalSettings(
             if not Path(p).exists():
                 raise EvalError(f"lm-eval include path {p} does not exist; pass a folder of task YAML files")
     if model is None:
-        model, tokenizer = load_model(model_dir)
+        model, tokenizer = load_model(model_dir, device=settings.device)
     elif tokenizer is None:
         raise EvalError("an in-memory model needs its tokenizer")
     result: dict = {"model": str(model_dir) if model_dir is not None else None, "data": list(map(str, data)),

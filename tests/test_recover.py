@@ -144,6 +144,12 @@ def test_ep_size_needs_the_recover_phase():
 
 # ---------------------------------------------------------------------- fast: the shim
 
+# transformers < 5.23 (5.17 on the GPU image) keeps a plain dict, which DeepSpeed reads as it is.
+needs_registry_class = pytest.mark.skipif(autoep_compat._registry_class() is None,
+                                          reason="this transformers' output-capture registry is a plain dict: no shim")
+
+
+@needs_registry_class
 def test_shim_fixes_the_registry_and_leaves_model_keys_alone():
     from transformers.utils import output_capturing
 
@@ -162,6 +168,7 @@ def test_shim_fixes_the_registry_and_leaves_model_keys_alone():
     assert "<class 'str'>" not in registry
 
 
+@needs_registry_class
 def test_shim_stays_off_when_the_probe_finds_nothing(monkeypatch):
     cls = autoep_compat._registry_class()
     get, setitem = cls.get, cls.__setitem__

@@ -3,6 +3,7 @@
     .venv/bin/python tools/bench_sinkhorn.py            # full run (a few minutes on 2 CPU cores)
     .venv/bin/python tools/bench_sinkhorn.py --quick    # small subset (well under a minute)
     .venv/bin/python tools/bench_sinkhorn.py --distributed   # replicated vs row-sharded over 1, 2, 4 ranks
+    python tools/bench_sinkhorn.py --device cuda --sections forward   # on a GPU: ours vs POT's torch backend
 
 Sections (issue 2, "Benchmark"):
   1. forward: the same problems (scores ~ N(0, 1), uniform capacities, tau) solved by ours
@@ -90,8 +91,8 @@ def solve_pot_numpy(p: Problem) -> torch.Tensor:
 
 def solve_pot_torch(p: Problem) -> torch.Tensor:
     import ot
-    a = torch.ones(p.scores.shape[1], dtype=p.scores.dtype)
-    b = torch.tensor(p.capacities, dtype=p.scores.dtype)
+    a = torch.ones(p.scores.shape[1], dtype=p.scores.dtype, device=p.scores.device)
+    b = torch.tensor(p.capacities, dtype=p.scores.dtype, device=p.scores.device)
     return torch.stack([ot.bregman.sinkhorn_log(a, b, -layer, p.tau, numItermax=p.iters, stopThr=0.0, warn=False)
                         for layer in p.scores])
 
@@ -113,11 +114,14 @@ class Timing:
     wall: float
 
 
-def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[Timing, torch.Tensor]:
+def timed(fn: Callable[[], torch.Tensor], repeats: int,
+          sync: Callable[[], None] = lambda: None) -> tuple[Timing, torch.Tensor]:
     best, out = None, None
     for _ in range(repeats):
+        sync()
         c0, w0 = time.process_time(), time.perf_counter()
         out = fn()
+        sync()
         t = Timing(time.process_time() - c0, time.perf_counter() - w0)
         best = t if best is None else Timing(min(best.cpu, t.cpu), min(best.wall, t.wall))
     return best, out
@@ -190,7 +194,15 @@ def unrolled_sinkhorn(scores: torch.Tensor, capacities, tau: float, iters: int) 
 
 def forward_section(args, shapes) -> None:
     dtype = getattr(torch, args.dtype)
-    names = list(solvers())
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    # On a GPU: ours against POT's torch backend on the same device (its numpy backend is CPU only),
+    # timed in wall-clock seconds after a device synchronisation (CPU time says nothing there).
+    names = [n for n in solvers() if not (cuda and n == "POT numpy")]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    pick = (lambda t: t.wall) if cuda else (lambda t: t.cpu)
+    if cuda:
+        print(f"\n== device: {torch.cuda.get_device_name(dev)}; times below are wall-clock ms (labelled CPU ms)")
     print(f"\n== forward: tau={args.tau}, {args.iters} iterations for every solver (ours tol=None, "
           f"POT stopThr=0), {args.dtype}, scores ~ N(0, 1), uniform capacities, torch threads={args.threads}")
     print(f"   times: CPU ms, best of {args.repeats} (ours) / {args.pot_repeats} (POT); "
@@ -207,15 +219,18 @@ def forward_section(args, shapes) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     for L, n, E in shapes:
         scores = torch.randn(L, n, E, generator=gen, dtype=torch.float64)
+        scores = scores.to(dev)
         p = Problem(scores.to(dtype), uniform_capacities(n, E), args.tau, args.iters)
         solve = solvers()
         solve["ours"](p)                                   # warm-up (first-call allocations)
-        t_ours, plan = timed(lambda: solve["ours"](p), args.repeats)
-        row, diffs = f"{p.label:>16} {t_ours.cpu * 1e3:>9.1f}", ""
+        t_ours, plan = timed(lambda: solve["ours"](p), args.repeats, sync)
+        row, diffs = f"{p.label:>16} {pick(t_ours) * 1e3:>9.1f}", ""
         for name in names[1:]:
-            t, ref = timed(lambda: solve[name](p), args.pot_repeats)
-            speed = f"{t.cpu / t_ours.cpu:.1f}x ({t.wall / t_ours.wall:.1f}x)"
-            row += f" {t.cpu * 1e3:>14.1f} {speed:>15}"
+            if cuda:
+                solve[name](p)                             # warm-up on the GPU too
+            t, ref = timed(lambda: solve[name](p), args.pot_repeats, sync)
+            speed = f"{pick(t) / pick(t_ours):.1f}x ({t.wall / t_ours.wall:.1f}x)"
+            row += f" {pick(t) * 1e3:>14.1f} {speed:>15}"
             diffs += f" {(plan.double() - ref.double()).abs().max().item():>13.1e}"
         reference = solve_pot_torch(Problem(scores, p.capacities, p.tau, p.iters))
         diffs += f" {(plan.double() - reference).abs().max().item():>11.1e}"
@@ -445,6 +460,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mem-iters", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sections", default="forward,memory,rounding")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="device of the forward section (memory and rounding stay on the CPU)")
     parser.add_argument("--distributed", action="store_true",
                         help="only the replicated-vs-sharded comparison over --dist-worlds gloo ranks")
     parser.add_argument("--dist-shape", type=lambda s: tuple(int(x) for x in s.split(",")), default=(8, 28672, 64),
