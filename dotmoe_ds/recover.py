@@ -41,7 +41,7 @@ from dotmoe_ds.config import RunConfig, load_ds_config, precision_dtype, resolve
 from dotmoe_ds.data import DataConfig, DataError, PackedData, train_batches
 from dotmoe_ds.evaluate import perplexity, token_nll
 from dotmoe_ds.export import (TOKENIZER_FILES, ExportError, PlannedTensor, StreamingShardWriter, check_output_dir,
-                              move_into_place, read_dotmoe, write_json)
+                              move_into_place, read_dotmoe, tensor_shape, write_json)
 from dotmoe_ds.families import ADAPTERS, FamilyAdapter
 from dotmoe_ds.monitor import Monitor, Throughput, memory_gb
 from dotmoe_ds.provenance import portable_command, public_model_name
@@ -348,10 +348,6 @@ def train_recovery(engine, plan: RecoveryPlan, packed: PackedData, state: Recove
 
 # ====================================================================== export
 
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(getattr(t, "ds_shape", t.shape))
-
-
 def _all_experts(local: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """[E, ...] from each EP rank's [E_local, ...] block (collective over the layer's EP group),
     in expert order as AutoEP's placement descriptor records it."""
@@ -402,18 +398,18 @@ def _units(model: nn.Module) -> list[_Unit]:
 
 def _moe_plan(adapter: FamilyAdapter, i: int, moe: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     L = adapter.layout
-    E, (C, d) = moe.num_experts, _shape(moe.experts.w1)[1:]
+    E, (C, d) = moe.num_experts, tensor_shape(moe.experts.w1)[1:]
     out = [(L.router.format(i=i), (E, d))]
     for e in range(E):
         out += [(L.expert_gate.format(i=i, e=e), (C, d)), (L.expert_up.format(i=i, e=e), (C, d)),
                 (L.expert_down.format(i=i, e=e), (d, C))]
     shared = moe.shared_experts
-    if shared is not None and L.shared_gate and _shape(shared.gate_proj.weight)[0] > 0:
-        out += [(L.shared_gate.format(i=i), _shape(shared.gate_proj.weight)),
-                (L.shared_up.format(i=i), _shape(shared.up_proj.weight)),
-                (L.shared_down.format(i=i), _shape(shared.down_proj.weight))]
+    if shared is not None and L.shared_gate and tensor_shape(shared.gate_proj.weight)[0] > 0:
+        out += [(L.shared_gate.format(i=i), tensor_shape(shared.gate_proj.weight)),
+                (L.shared_up.format(i=i), tensor_shape(shared.up_proj.weight)),
+                (L.shared_down.format(i=i), tensor_shape(shared.down_proj.weight))]
     if moe.shared_experts_gate is not None and L.shared_expert_gate:
-        out.append((L.shared_expert_gate.format(i=i), _shape(moe.shared_experts_gate.weight)))
+        out.append((L.shared_expert_gate.format(i=i), tensor_shape(moe.shared_experts_gate.weight)))
     return out
 
 
@@ -430,7 +426,7 @@ def _moe_tensors(adapter: FamilyAdapter, i: int, moe: nn.Module):
         yield L.expert_down.format(i=i, e=e), down[e]
     del gate, up, down
     shared = moe.shared_experts
-    if shared is not None and L.shared_gate and _shape(shared.gate_proj.weight)[0] > 0:
+    if shared is not None and L.shared_gate and tensor_shape(shared.gate_proj.weight)[0] > 0:
         yield L.shared_gate.format(i=i), shared.gate_proj.weight
         yield L.shared_up.format(i=i), shared.up_proj.weight
         yield L.shared_down.format(i=i), shared.down_proj.weight
@@ -455,7 +451,7 @@ def export_recovered(model: nn.Module, adapter: FamilyAdapter, source_dir: str |
     plan: list[PlannedTensor] = []
     for unit in units:
         for name, t in unit.tensors:
-            plan.append(PlannedTensor(name, _shape(t), dtype if t.is_floating_point() else t.dtype))
+            plan.append(PlannedTensor(name, tensor_shape(t), dtype if t.is_floating_point() else t.dtype))
         if unit.moe is not None:
             plan += [PlannedTensor(name, shape, dtype) for name, shape in _moe_plan(adapter, unit.layer_idx, unit.moe)]
     tmp = out.parent / f".{out.name}.partial-recover"
