@@ -452,8 +452,8 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
     dot_params = resident(dot_tensors[:1], L, 4) + resident(dot_tensors[1:], L, a) if columns else 0.0
 
     terms: list[MemoryTerm] = []
-    more_gpus = (f"use more GPUs (nodes), ZeRO-3, or offload the parameters to CPU "
-                 f"(ds_configs/z3_offload.json)")
+    more_gpus = ("use more GPUs (nodes), ZeRO-3, or offload the parameters to CPU "
+                 "(ds_configs/z3_offload.json)")
     off = " (offloaded)" if z3 and ds.offload_param != "none" else ""
     terms.append(MemoryTerm("model weights", weights,
                             f"{_count(shape.total_params)} x {a} B" + (f" / {world} (ZeRO-3){off}" if z3 else ""),
