@@ -59,6 +59,9 @@ def _rank_main(fn, rank, world, store, results, args):
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
         try:
             out = fn(rank, world, *args)
+            # A rank that ran no collective could otherwise tear its gloo mesh down while a slower
+            # rank is still connecting to it ("connectFullMesh failed ... Connection closed by peer").
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         results.put((rank, None, _numpy_tree(out)))
