@@ -80,24 +80,78 @@ def count_flips(before: Tensor, after: Tensor) -> int:
     return int((before.reshape(-1) != after.reshape(-1).to(before.device)).sum())
 
 
+def cycle_moves(old: Tensor, new: Tensor, scores: Tensor, budget: int) -> Tensor:
+    """Neurons (indices) whose move from `old` to `new` (two capacity-exact assignments) may be
+    made, at most `budget` of them, in whole cycles so that the result stays capacity-exact.
+
+    The moves form a balanced multigraph on the experts (as many neurons leave each expert as
+    enter it), so they split into cycles e1 -> e2 -> ... -> e1 of one neuron each; they are built
+    greedily from the moves with the largest gain (`scores[j, new[j]] - scores[j, old[j]]`) and
+    taken by mean gain while the budget lasts."""
+    moved = torch.nonzero(old != new).squeeze(1).tolist()
+    gain = {j: float(scores[j, new[j]] - scores[j, old[j]]) for j in moved}
+    out: dict[int, list[int]] = {}
+    for j in sorted(moved, key=lambda j: -gain[j]):
+        out.setdefault(int(old[j]), []).append(j)
+    cycles = []
+    while any(out.values()):
+        node = max((e for e in out if out[e]), key=lambda e: gain[out[e][0]])
+        path: list[int] = []          # neurons taken, in walk order
+        seen = {node: 0}
+        while True:
+            j = out[node].pop(0)
+            path.append(j)
+            node = int(new[j])
+            if node in seen:
+                cut = seen[node]
+                for k in reversed(path[:cut]):       # the walk's lead-in is not part of the cycle
+                    out[int(old[k])].insert(0, k)
+                    out[int(old[k])].sort(key=lambda m: -gain[m])
+                cycles.append(path[cut:])
+                break
+            seen[node] = len(path)
+    cycles.sort(key=lambda c: -sum(gain[j] for j in c) / len(c))
+    chosen: list[int] = []
+    for c in cycles:
+        if len(chosen) + len(c) <= budget:
+            chosen += c
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
 def bounded_step(old: Tensor, delta: Tensor, assign: Tensor, capacities: Sequence[int], max_flips: int,
                  refine_rounds: int) -> tuple[Tensor, float, int]:
-    """`old + alpha * delta` with the largest alpha in [0, 1] (bisection) whose capacity-exact
-    rounding differs from `assign` (the rounding of `old`) in at most `max_flips` neurons.
-    Returns (new scores, alpha, flips)."""
+    """A step `old + delta * r` (r: a per-row scale in [0, 1]) whose capacity-exact rounding differs
+    from `assign` (the rounding of `old`) in at most `max_flips` neurons.
+
+    If the whole step moves more: the rows of whole cycles of the most wanted moves (cycle_moves,
+    at most `max_flips` neurons) take the whole step, every other row the largest common scale
+    (bisection) that keeps the bound. Cycles, not single rows: capacities are exact, and when many
+    neurons cross at the same step length (ties, e.g. just after the initialisation) no common
+    scale could select some of them. Returns (new scores, mean row scale, flips)."""
     new = old + delta
     flips = count_flips(assign, assign_by_score(new, capacities, refine_rounds))
     if flips <= max_flips:
         return new, 1.0, flips
-    lo, hi, lo_flips = 0.0, 1.0, 0
+    target = assign_by_score(new, capacities, refine_rounds)
+    rows = torch.zeros(old.shape[0], dtype=old.dtype)
+    rows[cycle_moves(assign, target, new, max_flips)] = 1.0
+
+    def at(scale: float) -> Tensor:
+        return old + delta * torch.clamp(rows, min=scale)[:, None]
+
+    lo_flips = count_flips(assign, assign_by_score(at(0.0), capacities, refine_rounds))
+    if lo_flips > max_flips:        # the chosen rows displace others too: shorten every row alike
+        rows.zero_()
+        lo_flips = 0
+    lo, hi = 0.0, 1.0
     for _ in range(BISECTION_STEPS):
         mid = 0.5 * (lo + hi)
-        f = count_flips(assign, assign_by_score(old + mid * delta, capacities, refine_rounds))
+        f = count_flips(assign, assign_by_score(at(mid), capacities, refine_rounds))
         if f <= max_flips:
             lo, lo_flips = mid, f
         else:
             hi = mid
-    return old + lo * delta, lo, lo_flips
+    return at(lo), float(torch.clamp(rows, min=lo).mean()), lo_flips
 
 
 class ScoreOptimizer:
@@ -128,7 +182,8 @@ class ScoreOptimizer:
         """Neurons of `layer` allowed to change expert per step (None: no bound)."""
         if self.max_flip_frac <= 0:
             return None
-        return max(1, int(self.max_flip_frac * layer.spec.d_ff))
+        # at least E': under exact capacities moves come in cycles over the experts, up to E' long
+        return max(layer.spec.num_columns, int(self.max_flip_frac * layer.spec.d_ff))
 
     def zero_grad(self) -> None:
         for layer in self.layers:
@@ -190,7 +245,8 @@ class ScoreOptimizer:
                     current = layer.hard_assignment().cpu()
                     self.master[i], alphas[i], _ = bounded_step(
                         self.master[i], delta, current, layer.spec.column_capacities, bound, layer.refine_rounds)
-                layer.scores.data.copy_(self.master[i].to(layer.scores.device, layer.scores.dtype))
+                # copy_ on the parameter (not .data) bumps its version: the layer's rounding cache sees it
+                layer.scores.copy_(self.master[i].to(layer.scores.device, layer.scores.dtype))
         out["step_scale"] = float(dist.all_reduce_sum(alphas).mean())
         return out
 
