@@ -13,8 +13,10 @@ Steps (every rank runs all of them; rank 0 alone writes files):
  3. fresh run: a dense forward over calibration tokens; each layer's owner rank (layer mod world)
     computes its partition and router init from the gathered weights and broadcasts them.
     Resumed run: the latest complete checkpoint instead.
- 4. train: CE (+ distillation to the same network in dense mode) + load balance + z-loss, tau
-    annealed; TensorBoard, checkpoints every N steps and on SIGTERM/SIGUSR1 (then exit 75).
+ 4. train: CE (+ distillation to the same network in dense mode) + load balance + z-loss (+ the
+    layer-local reconstruction term), tau annealed; the routers and weights by DeepSpeed, the
+    assignment scores by their own optimizer (score_optim.py); TensorBoard, checkpoints every N
+    steps and on SIGTERM/SIGUSR1 (then exit 75).
     Whenever the scores change, each layer's owner rank rounds them to the capacity-exact hard
     assignment and broadcasts it (pin_hard_assignments): no rank rounds every layer.
  5. the pinned hard assignment, streaming export to OUTPUT/model, held-out perplexity of the dense and the
@@ -544,7 +546,8 @@ def pin_hard_assignments(layers: list[DotMoEFFN]) -> None:
 
 
 def frozen_assignment_state(layers: list[DotMoEFFN]) -> dict[int, torch.Tensor]:
-    """Scores that the optimizer does not hold (random/cluster keep them frozen), for checkpoints."""
+    """Scores that the DeepSpeed optimizer does not hold (all of them: frozen for random/cluster, learned
+    by the ScoreOptimizer for dot), for checkpoints."""
     out = {}
     for i, layer in enumerate(layers):
         if not layer.scores.requires_grad:
