@@ -17,8 +17,9 @@ backward, i.e. inside ZeRO-3's gathered window). At each optimizer step:
      is already in the gradient (DeepSpeed scales the loss); a fp16 loss scale is divided out, and a
      non-finite gradient skips the step (as DeepSpeed does);
   2. layer l's owner rank (l mod world) keeps the fp32 master copy and the Adam moments of layer l,
-     takes the Adam step at lr = `ScoreSchedule.at(step)`, and, with a flip bound, shortens the step
-     until at most `max_flips` neurons change expert (a trust region on the hard assignment);
+     takes the Adam step at lr = `ScoreSchedule.at(step)`, and, with a flip bound, lets only whole
+     cycles of the moves the gradient wants most take it (at most `max_flips` neurons change expert:
+     a trust region on the hard assignment, see bounded_step);
   3. the owner writes the new scores into the (ZeRO-3 partitioned or replicated) parameter, which is
      broadcast to every rank.
 
@@ -87,7 +88,8 @@ def cycle_moves(old: Tensor, new: Tensor, scores: Tensor, budget: int) -> Tensor
     The moves form a balanced multigraph on the experts (as many neurons leave each expert as
     enter it), so they split into cycles e1 -> e2 -> ... -> e1 of one neuron each; they are built
     greedily from the moves with the largest gain (`scores[j, new[j]] - scores[j, old[j]]`) and
-    taken by mean gain while the budget lasts."""
+    taken by mean gain while the budget lasts; a cycle whose total gain is not positive is never
+    taken."""
     moved = torch.nonzero(old != new).squeeze(1).tolist()
     gain = {j: float(scores[j, new[j]] - scores[j, old[j]]) for j in moved}
     out: dict[int, list[int]] = {}
@@ -113,19 +115,20 @@ def cycle_moves(old: Tensor, new: Tensor, scores: Tensor, budget: int) -> Tensor
     cycles.sort(key=lambda c: -sum(gain[j] for j in c) / len(c))
     chosen: list[int] = []
     for c in cycles:
-        if len(chosen) + len(c) <= budget:
+        if len(chosen) + len(c) <= budget and sum(gain[j] for j in c) > 0:
             chosen += c
     return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
 def bounded_step(old: Tensor, delta: Tensor, assign: Tensor, capacities: Sequence[int], max_flips: int,
-                 refine_rounds: int) -> tuple[Tensor, float, int]:
+                 refine_rounds: int, preference: Tensor | None = None) -> tuple[Tensor, float, int]:
     """A step `old + delta * r` (r: a per-row scale in [0, 1]) whose capacity-exact rounding differs
     from `assign` (the rounding of `old`) in at most `max_flips` neurons.
 
     If the whole step moves more: the rows of whole cycles of the most wanted moves (cycle_moves,
-    at most `max_flips` neurons) take the whole step, every other row the largest common scale
-    (bisection) that keeps the bound. Cycles, not single rows: capacities are exact, and when many
+    at most `max_flips` neurons; wanted by `preference`, default the new scores: the ScoreOptimizer
+    passes minus the gradient, so that a move's gain is its first-order decrease of the loss) take
+    the whole step, every other row the largest common scale (bisection) that keeps the bound. Cycles, not single rows: capacities are exact, and when many
     neurons cross at the same step length (ties, e.g. just after the initialisation) no common
     scale could select some of them. Returns (new scores, mean row scale, flips)."""
     new = old + delta
@@ -134,7 +137,7 @@ def bounded_step(old: Tensor, delta: Tensor, assign: Tensor, capacities: Sequenc
         return new, 1.0, flips
     target = assign_by_score(new, capacities, refine_rounds)
     rows = torch.zeros(old.shape[0], dtype=old.dtype)
-    rows[cycle_moves(assign, target, new, max_flips)] = 1.0
+    rows[cycle_moves(assign, target, new if preference is None else preference, max_flips)] = 1.0
 
     def at(scale: float) -> Tensor:
         return old + delta * torch.clamp(rows, min=scale)[:, None]
@@ -244,7 +247,8 @@ class ScoreOptimizer:
                 else:
                     current = layer.hard_assignment().cpu()
                     self.master[i], alphas[i], _ = bounded_step(
-                        self.master[i], delta, current, layer.spec.column_capacities, bound, layer.refine_rounds)
+                        self.master[i], delta, current, layer.spec.column_capacities, bound, layer.refine_rounds,
+                        preference=-g)
                 # copy_ on the parameter (not .data) bumps its version: the layer's rounding cache sees it
                 layer.scores.copy_(self.master[i].to(layer.scores.device, layer.scores.dtype))
         out["step_scale"] = float(dist.all_reduce_sum(alphas).mean())
