@@ -60,3 +60,13 @@ def test_assignment_moves_within_the_bound_and_settles(tiny, tmp_path, config):
     assert [a + b for a, b in zip(*per_layer)] == values("assign/flips")
     assert all(f == 0 for layer in per_layer for f in layer[-2:])           # settled with lr 0
     assert 0 < values("assign/moved_from_start")[-1] <= 1
+
+
+def test_gradient_checkpointing_changes_nothing_with_recon_and_learned_scores(tiny, tmp_path):
+    """Recomputation in the backward pass must neither lose nor double the collected score gradients
+    or the reconstruction term: the same losses, flips and scores' gradient norms with and without."""
+    runs = {gc: _run(tiny, tmp_path / f"gc_{gc}", "--gradient_checkpointing", str(gc)) for gc in (False, True)}
+    for tag in ("loss/total", "loss/recon", "assign/flips", "assign/scores_grad_norm"):
+        a, b = ([e.value for e in runs[gc].Scalars(tag)] for gc in (False, True))
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), tag
+    assert sum(e.value for e in runs[True].Scalars("assign/flips")) > 0
