@@ -19,6 +19,7 @@ OUTPUT/tensorboard/dotmoe, on rank 0 only:
   assign/scores_lr, assign/step_scale, assign/scores_grad_norm    the scores' lr (own schedule), the mean row
                                                                   scale the flip bound left (1: whole step),
                                                                   the norm of their mean gradient
+  assign/skipped                                                  1: a non-finite gradient skipped the step
   histograms: router/load (every layer x expert share), assign/plan_confidence (per neuron, the
   plan's mass on its hard expert)
 
