@@ -142,11 +142,24 @@ class ObjectiveArgs:
     trainable: str = "assignment"
     """assignment: scores + router; ffn: also the FFN weights; all: the whole model"""
     scores_lr_scale: float = 10.0
-    """learning-rate multiplier of the assignment scores (relative to the DeepSpeed config's lr)"""
+    """learning-rate multiplier of the assignment scores (relative to the DeepSpeed config's lr);
+    the scores have their own Adam outside DeepSpeed (no gradient clipping, own schedule)"""
     router_lr_scale: float = 1.0
     """learning-rate multiplier of the routers"""
     weights_lr_scale: float = 0.1
     """learning-rate multiplier of the model weights when --trainable is ffn or all"""
+    recon_weight: float = 0.0
+    """weight of the layer-local reconstruction term: per layer ||y_moe(x) - y_dense(x)||^2 /
+    ||y_dense(x)||^2, mean over tokens and layers (one more down projection per layer); 0: off"""
+    scores_lr_schedule: str = "cosine"
+    """the scores' learning rate: at its peak from step 0 (no warmup), cosine, linear or constant
+    until --scores_settle_frac of the steps, then 0"""
+    scores_settle_frac: float = 0.75
+    """share of the steps after which the assignment is fixed (scores lr 0); the router and weights
+    keep training on it"""
+    max_flip_frac: float = 0.01
+    """at most max(E', this share of d_ff) neurons of a layer may change expert per step (whole cycles
+    of the moves the gradient wants most); 0: no bound. 0.01 measured better than no bound (README)"""
 
 
 @dataclass
@@ -346,6 +359,11 @@ def validate(cfg: RunConfig) -> None:
     if m.ep_size and t.phase != "recover":
         raise ConfigError("--ep_size spreads the experts of an exported MoE over ranks: it needs --phase recover")
     _choice("tau_schedule", o.tau_schedule, TAU_SCHEDULES)
+    _choice("scores_lr_schedule", o.scores_lr_schedule, TAU_SCHEDULES)
+    if not 0.0 < o.scores_settle_frac <= 1.0:
+        raise ConfigError(f"--scores_settle_frac must be in (0, 1], got {o.scores_settle_frac}")
+    if not 0.0 <= o.max_flip_frac <= 1.0:
+        raise ConfigError(f"--max_flip_frac must be in [0, 1] (0: no bound), got {o.max_flip_frac}")
     _choice("text_unit", d.text_unit, ("document", "paragraph", "line"))
     _choice("encoding_errors", d.encoding_errors, ("strict", "replace", "ignore"))
     _choice("eval_split", d.eval_split, ("auto", "documents", "paragraphs"))
@@ -373,7 +391,7 @@ def validate(cfg: RunConfig) -> None:
     if c.keep_checkpoints < 1:
         raise ConfigError(f"--keep_checkpoints must be at least 1, got {c.keep_checkpoints}")
     for name in ("kd_weight", "lb_weight", "z_weight", "scores_lr_scale", "router_lr_scale",
-                 "weights_lr_scale"):
+                 "weights_lr_scale", "recon_weight"):
         if getattr(o, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(o, name)}")
     for name in ("tau_start", "tau_end", "kd_temperature"):
@@ -560,12 +578,11 @@ def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, tensorboard_di
         for key, value in (("total_num_steps", t.steps), ("warmup_num_steps", warmup)):
             if params.get(key) == "auto":
                 params[key] = value
-        if sched.get("type") not in GROUP_AWARE_SCHEDULERS and (
-                cfg.objective.scores_lr_scale != 1 or cfg.objective.router_lr_scale != 1):
+        if sched.get("type") not in GROUP_AWARE_SCHEDULERS and cfg.objective.router_lr_scale != 1:
             import warnings
 
             warnings.warn(f"scheduler {sched.get('type')} sets one lr for every parameter group, so "
-                          "--scores_lr_scale / --router_lr_scale have no effect; use WarmupCosineLR")
+                          "--router_lr_scale has no effect; use WarmupCosineLR")
     for precision in ("bf16", "fp16"):
         sec = ds.get(precision)
         if isinstance(sec, dict) and sec.get("enabled") == "auto":

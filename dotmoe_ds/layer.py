@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from .objectives import relative_reconstruction_error
 from .sinkhorn import (DEFAULT_REFINE_ROUNDS, DEFAULT_TOL, assign_by_score, one_hot_assignment,
                        sinkhorn, ste_assignment)
 from .spec import MoESpec
@@ -64,6 +65,15 @@ class DotMoEFFN(nn.Module):
     with `routing_ste` (default) the backward pass also reaches non-selected experts through the
     soft gates k * p. A fixed partition (the random/cluster baselines) is mode 'hard' with
     `scores.requires_grad_(False)`: its router trains exactly as DOT's does.
+
+    Two switches the trainer sets (both off by default):
+      recon         in training, also compute the dense output of the same input (one more down
+                    projection, no gradient) and keep the relative reconstruction error of the
+                    layer's output in `last_recon` (objectives.relative_reconstruction_error);
+      learn_scores  the scores' gradient is collected into `score_grad` (fp32, summed over the
+                    backward passes) instead of `scores.grad`, for an optimizer outside the
+                    DeepSpeed engine (score_optim.ScoreOptimizer); `scores` itself then needs no
+                    requires_grad, so DeepSpeed neither holds nor clips it.
     """
 
     def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear,
@@ -112,6 +122,10 @@ class DotMoEFFN(nn.Module):
         # rank the whole plan); the trainer may set e.g. sharded_sinkhorn.ShardedPlan(group).
         self.plan_fn = plan_fn
         self.last_router_stats: RouterStats | None = None
+        self.recon = False
+        self.last_recon: Tensor | None = None      # relative reconstruction error of the last forward
+        self.learn_scores = False
+        self.score_grad: Tensor | None = None      # collected gradient of the scores (learn_scores)
         self.last_assignment: Tensor | None = None   # hard assignment of the last forward (monitoring)
         self._hard_cache: tuple[tuple, Tensor] | None = None
         # Set by the trainer when it rounded this layer elsewhere (layer-parallel, see
@@ -137,11 +151,27 @@ class DotMoEFFN(nn.Module):
     # ------------------------------------------------------------------ assignment
     def plan(self) -> Tensor:
         """The soft plan `[d_ff, E']` at the current temperature (rows sum to 1, columns to capacity)."""
+        theta = self._theta()
         if self.assigner == "softmax":   # ablation: no optimal transport, rows only
-            return torch.softmax(self.scores.float() / self.tau, dim=-1)
+            return torch.softmax(theta / self.tau, dim=-1)
         solve = sinkhorn if self.plan_fn is None else self.plan_fn
-        return solve(self.scores.float(), self.spec.column_capacities, tau=self.tau,
+        return solve(theta, self.spec.column_capacities, tau=self.tau,
                      n_iters=self.sinkhorn_iters, tol=self.sinkhorn_tol)
+
+    def _theta(self) -> Tensor:
+        """The scores in fp32; with `learn_scores` (and autograd on) a fresh leaf whose gradient is
+        added to `score_grad`."""
+        theta = self.scores.float()
+        if self.learn_scores and torch.is_grad_enabled():
+            theta = theta.detach().clone().requires_grad_(True)
+            theta.register_hook(self._collect_score_grad)
+        return theta
+
+    def _collect_score_grad(self, grad: Tensor) -> None:
+        if self.score_grad is None:
+            self.score_grad = grad.detach().float().clone()
+        else:
+            self.score_grad += grad.detach().float()
 
     @torch.no_grad()
     def hard_assignment(self) -> Tensor:
@@ -219,7 +249,12 @@ class DotMoEFFN(nn.Module):
             mask = g[..., self.hard_assignment()]
         else:
             mask = g @ self.assignment_matrix().T
-        return self.down_proj(h * mask.to(h.dtype))
+        y = self.down_proj(h * mask.to(h.dtype))
+        if self.recon and self.training and torch.is_grad_enabled():
+            with torch.no_grad():   # the target: the dense output of the same input
+                dense = self.down_proj(h)
+            self.last_recon = relative_reconstruction_error(y, dense)
+        return y
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
@@ -304,6 +339,12 @@ def set_plan_fn(model: nn.Module, plan_fn: Callable[..., Tensor] | None) -> None
     collective: set the same kind on every rank."""
     for layer in dotmoe_layers(model):
         layer.plan_fn = plan_fn
+
+
+def set_recon(model: nn.Module, on: bool) -> None:
+    """Whether every layer computes its reconstruction error in training forwards."""
+    for layer in dotmoe_layers(model):
+        layer.recon = bool(on)
 
 
 def set_tau(model: nn.Module, tau: float) -> None:

@@ -4,13 +4,22 @@ DeepSpeed's own monitor (the "tensorboard" section of the DeepSpeed config, poin
 OUTPUT/tensorboard/deepspeed) logs its loss and learning rate; `Monitor` adds ours under
 OUTPUT/tensorboard/dotmoe, on rank 0 only:
 
-  loss/total, loss/ce, loss/kd, loss/load_balance, loss/z         the objective by term
+  loss/total, loss/ce, loss/kd, loss/load_balance, loss/z,         the objective by term (loss/recon: the
+  loss/recon                                                      layer-local reconstruction error, mean
+                                                                  over layers; 0 unless --recon_weight > 0)
   train/lr, train/tau, train/tokens_per_s, memory/rss_gb (CPU) or memory/cuda_max_allocated_gb
   assign/flip_rate (mean) and assign/flip_rate/layer_XX           share of neurons whose hard expert
                                                                   changed since the previous log
   assign/marginal_error (max over layers), assign/plan_entropy    Sinkhorn column error; mean row
                                                                   entropy of the soft plan (nats)
   router/load_cv (mean) and router/load_cv/layer_XX, router/entropy, router/load/expert_XX
+  every step, --method dot (train.flip_scalars, score_optim.ScoreOptimizer):
+  assign/flips and assign/flips/layer_XX                          neurons that changed expert in the step
+  assign/moved_from_start                                         share of neurons away from their step-0 expert
+  assign/scores_lr, assign/step_scale, assign/scores_grad_norm    the scores' lr (own schedule), the mean row
+                                                                  scale the flip bound left (1: whole step),
+                                                                  the norm of their mean gradient
+  assign/skipped                                                  1: a non-finite gradient skipped the step
   histograms: router/load (every layer x expert share), assign/plan_confidence (per neuron, the
   plan's mass on its hard expert)
 
@@ -24,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 

@@ -13,8 +13,10 @@ Steps (every rank runs all of them; rank 0 alone writes files):
  3. fresh run: a dense forward over calibration tokens; each layer's owner rank (layer mod world)
     computes its partition and router init from the gathered weights and broadcasts them.
     Resumed run: the latest complete checkpoint instead.
- 4. train: CE (+ distillation to the same network in dense mode) + load balance + z-loss, tau
-    annealed; TensorBoard, checkpoints every N steps and on SIGTERM/SIGUSR1 (then exit 75).
+ 4. train: CE (+ distillation to the same network in dense mode) + load balance + z-loss (+ the
+    layer-local reconstruction term), tau annealed; the routers and weights by DeepSpeed, the
+    assignment scores by their own optimizer (score_optim.py); TensorBoard, checkpoints every N
+    steps and on SIGTERM/SIGUSR1 (then exit 75).
     Whenever the scores change, each layer's owner rank rounds them to the capacity-exact hard
     assignment and broadcasts it (pin_hard_assignments): no rank rounds every layer.
  5. the pinned hard assignment, streaming export to OUTPUT/model, held-out perplexity of the dense and the
@@ -57,6 +59,7 @@ from dotmoe_ds import baselines
 from dotmoe_ds.baselines import PRUNE, PrunedFFN, export_pruned, set_mode   # set_mode: MoE and pruned layers
 from dotmoe_ds.monitor import Monitor, RouterAccumulator, Throughput, assignment_stats, memory_gb, router_stats
 from dotmoe_ds import partition as partition_lib
+from dotmoe_ds.score_optim import ScoreOptimizer, ScoreSchedule, count_flips
 from dotmoe_ds.sharded_sinkhorn import broadcast_from_owners, select_plan_fn
 from dotmoe_ds.spec import MoESpec, SpecError, describe_budget, resolve_budget
 from dotmoe_ds.runframe import (EXIT_USAGE, PreflightError, check_causal_lm, checked_data_config,
@@ -73,7 +76,8 @@ RESUME_KEYS = ("model", "data", "eval_data", "eval_fraction", "seq_len", "batch_
                "text_column", "text_unit", "num_experts", "top_k", "shared_neurons", "method", "partition",
                "beta", "router_init", "router_logit_std", "calib_tokens", "assigner", "routing_ste",
                "kd_weight", "kd_temperature", "lb_weight", "z_weight", "tau_start", "tau_end", "tau_schedule",
-               "trainable", "scores_lr_scale", "router_lr_scale", "weights_lr_scale", "steps", "seed")
+               "trainable", "scores_lr_scale", "router_lr_scale", "weights_lr_scale", "steps", "seed",
+               "recon_weight", "scores_lr_schedule", "scores_settle_frac", "max_flip_frac")
 
 
 # ====================================================================== preflight
@@ -156,22 +160,36 @@ class _AttachAux(torch.autograd.Function):
 
 
 class AuxLosses:
-    """Forward hooks adding each layer's load-balance and z-loss to the backward pass, and summing
-    their values for logging (mean over layers)."""
+    """Forward hooks adding each layer's load-balance, z-loss and (with `recon_weight` > 0) its
+    relative reconstruction error to the backward pass, and summing their values for logging (mean
+    over layers). The reconstruction error is computed by the layer itself (`DotMoEFFN.recon`, in
+    the same forward: one more down projection) when `recon_weight` > 0."""
 
-    def __init__(self, layers: list[DotMoEFFN], lb_weight: float, z_weight: float, grad_accum: int):
+    def __init__(self, layers: list[DotMoEFFN], lb_weight: float, z_weight: float, grad_accum: int,
+                 recon_weight: float = 0.0):
         self.layers, self.lb_weight, self.z_weight = layers, lb_weight, z_weight
+        self.recon_weight = recon_weight
+        for layer in layers:
+            layer.recon = recon_weight > 0
         # Mean over layers; DeepSpeed divides the main loss by the accumulation steps, so do we.
         self.scale = 1.0 / (max(len(layers), 1) * grad_accum)   # no layers: a pruned model
         self.lb_sum = 0.0
         self.z_sum = 0.0
         self.count = 0
+        self.recon_sum = 0.0
+        self.recon_count = 0
         self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
 
     def _hook(self, module: DotMoEFFN, args, output):
         stats = module.last_router_stats
+        recon, module.last_recon = module.last_recon, None
         if not module.training or module.mode == "dense" or stats is None or not torch.is_grad_enabled():
             return output
+        if recon is not None:
+            self.recon_sum += float(recon.detach())
+            self.recon_count += 1
+            if recon.requires_grad and self.recon_weight > 0:
+                output = _AttachAux.apply(output, recon * (self.recon_weight * self.scale))
         module.last_router_stats = stats.__class__(   # keep only detached values for the monitor
             load_balance=stats.load_balance.detach(), z_loss=stats.z_loss.detach(), load=stats.load,
             entropy=stats.entropy)
@@ -189,6 +207,13 @@ class AuxLosses:
         out = (self.lb_sum / n, self.z_sum / n)
         self.lb_sum = self.z_sum = 0.0
         self.count = 0
+        return out
+
+    def take_recon(self) -> float:
+        """Mean relative reconstruction error over the layer forwards since the last call (0 when
+        it is not computed)."""
+        out = self.recon_sum / max(self.recon_count, 1)
+        self.recon_sum, self.recon_count = 0.0, 0
         return out
 
     def remove(self) -> None:
@@ -257,27 +282,29 @@ def build_model(plan: Plan, ds: dict):
 
 
 def select_trainable(model, layers: list[DotMoEFFN], cfg: RunConfig, base_lr: float) -> list[dict]:
-    """requires_grad per METHOD.md section 5 / 7, and the optimizer's parameter groups."""
+    """requires_grad per METHOD.md section 5 / 7, and the DeepSpeed optimizer's parameter groups.
+
+    The assignment scores are never DeepSpeed's (requires_grad False): with --method dot they are
+    learned by the ScoreOptimizer of train_loop (score_optim.py: their own Adam, lr and schedule,
+    outside the weights' gradient clipping); for the fixed-partition baselines they stay frozen."""
     o, method = cfg.objective, cfg.moe.method
     for p in model.parameters():
         p.requires_grad_(o.trainable == "all")
-    scores, routers, weights = [], [], []
+    routers: list = []
     if method == PRUNE:   # no scores, no router: the kept weights when weights train, else nothing
         baselines.mark_trainable(model, o.trainable)
     for layer in (layer for layer in layers if isinstance(layer, DotMoEFFN)):
-        layer.scores.requires_grad_(method == "dot")
+        layer.scores.requires_grad_(False)
+        layer.learn_scores = method == "dot"
         layer.router.weight.requires_grad_(True)
-        if method == "dot":
-            scores.append(layer.scores)
         routers.append(layer.router.weight)
         if o.trainable == "ffn":
             for lin in (layer.gate_proj, layer.up_proj, layer.down_proj):
                 lin.weight.requires_grad_(True)
-    special = {id(p) for p in scores + routers} | {id(layer.scores) for layer in layers
+    special = {id(p) for p in routers} | {id(layer.scores) for layer in layers
                                                    if isinstance(layer, DotMoEFFN)}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
-    groups = [{"params": scores, "lr": base_lr * o.scores_lr_scale, "weight_decay": 0.0},
-              {"params": routers, "lr": base_lr * o.router_lr_scale, "weight_decay": 0.0},
+    groups = [{"params": routers, "lr": base_lr * o.router_lr_scale, "weight_decay": 0.0},
               {"params": weights, "lr": base_lr * o.weights_lr_scale}]
     # The input embeddings' output must require grad even when the embeddings are frozen: ZeRO-3
     # reduces a leaf module's gradients when the gradient reaches its inputs, and would otherwise do
@@ -412,7 +439,8 @@ def pin_hard_assignments(layers: list[DotMoEFFN]) -> None:
 
 
 def frozen_assignment_state(layers: list[DotMoEFFN]) -> dict[int, torch.Tensor]:
-    """Scores that the optimizer does not hold (random/cluster keep them frozen), for checkpoints."""
+    """Scores that the DeepSpeed optimizer does not hold (all of them: frozen for random/cluster, learned
+    by the ScoreOptimizer for dot), for checkpoints."""
     out = {}
     for i, layer in enumerate(layers):
         if not layer.scores.requires_grad:
@@ -437,6 +465,8 @@ class LoopState:
     previous_assignment: list | None = None
     last_loss: float = float("nan")
     losses: list = field(default_factory=list)     # (step, total) per step, for the results
+    initial_assignment: list | None = None         # hard assignment at step 0 (assign/moved_from_start)
+    score_opt: dict | None = None                  # this rank's ScoreOptimizer state (checkpoints)
 
 
 def _log_assignment(monitor: Monitor, layers, state: LoopState, step: int, router_acc: RouterAccumulator) -> None:
@@ -449,6 +479,26 @@ def _log_assignment(monitor: Monitor, layers, state: LoopState, step: int, route
     monitor.scalars(step, {**scalars, **rscalars})
     monitor.histogram(step, "router/load", loads)
     monitor.histogram(step, "assign/plan_confidence", confidence)
+
+
+def flip_scalars(layers: list[DotMoEFFN], before: list[torch.Tensor], initial: list[torch.Tensor] | None
+                 ) -> dict[str, float]:
+    """Neurons that changed expert in this step, per layer and in all; the share of neurons away
+    from their step-0 expert. Reads the pinned assignments: every rank has them, no communication."""
+    out: dict[str, float] = {}
+    total, moved, neurons = 0, 0, 0
+    for i, (layer, old) in enumerate(zip(layers, before)):
+        now = layer.hard_assignment()
+        flips = count_flips(old, now)
+        out[f"assign/flips/layer_{i:02d}"] = flips
+        total += flips
+        neurons += now.numel()
+        if initial is not None and i < len(initial):
+            moved += count_flips(initial[i], now)
+    out["assign/flips"] = total
+    if initial is not None:
+        out["assign/moved_from_start"] = moved / max(neurons, 1)
+    return out
 
 
 def train_loop(engine, layers: list[DotMoEFFN], plan: Plan, packed: PackedData, state: LoopState,
@@ -468,10 +518,23 @@ def train_loop(engine, layers: list[DotMoEFFN], plan: Plan, packed: PackedData, 
     pin_hard_assignments(layers)
     if state.previous_assignment is None:
         state.previous_assignment = assignment_stats(layers, None)[1]
+    if state.initial_assignment is None:
+        state.initial_assignment = [layer.hard_assignment().clone().cpu() for layer in layers]
+    score_opt = None
+    if cfg.moe.method == "dot" and layers:
+        # The scores' own optimizer (score_optim.py): outside DeepSpeed's clipping and schedule.
+        base_lr = float(plan.ds_raw["optimizer"]["params"]["lr"])
+        betas = plan.ds_raw["optimizer"]["params"].get("betas", (0.9, 0.95))
+        score_opt = ScoreOptimizer(layers, ScoreSchedule(base_lr * o.scores_lr_scale, t.steps, o.scores_lr_schedule,
+                                                         o.scores_settle_frac),
+                                   betas=betas, max_flip_frac=o.max_flip_frac)
+        score_opt.load_state_dict(state.score_opt)
     ckpt_dir = checkpoint_dir(plan.output)
     while state.step < t.steps:
         tau = tau_at(state.step, t.steps, o.tau_start, o.tau_end, o.tau_schedule)
         set_tau(engine.module, tau)
+        # fp16's dynamic loss scale is in the scores' collected gradients too (1 in fp32 / bf16)
+        grad_scale = float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0)
         sums = torch.zeros(3, dtype=torch.float64)     # ce, kd, total (without aux)
         for _ in range(gas):
             ids = next(batches).to(engine.device)
@@ -494,25 +557,33 @@ def train_loop(engine, layers: list[DotMoEFFN], plan: Plan, packed: PackedData, 
             router_acc.add(layers)
             sums += torch.tensor([ce.item(), kd.item(), loss.item()], dtype=torch.float64)
             speed.add(tokens_per_micro)
-        state.step += 1
-        if any(layer.scores.requires_grad for layer in layers):   # the step moved the scores
+        assign_scalars = {}
+        if score_opt is not None:   # the scores' step, then the new hard assignment and its flips
+            before = [layer.hard_assignment().clone() for layer in layers]
+            done = score_opt.step(state.step, grad_scale)
             pin_hard_assignments(layers)
+            assign_scalars = flip_scalars(layers, before, state.initial_assignment)
+            assign_scalars.update({"assign/scores_lr": done["lr"], "assign/step_scale": done["step_scale"],
+                                   "assign/scores_grad_norm": done["grad_norm"], "assign/skipped": done["skipped"]})
+        state.step += 1
         lb, z = aux.take()
+        recon = aux.take_recon()
         ce_m, kd_m, main = (dist.all_reduce_sum(sums) / (gas * dist.world_size())).tolist()
-        total = main + o.lb_weight * lb + o.z_weight * z
+        total = main + o.lb_weight * lb + o.z_weight * z + o.recon_weight * recon
         state.last_loss = total
         state.losses.append((state.step, total))
         rate = speed.rate()
         monitor.scalars(state.step, {"loss/total": total, "loss/ce": ce_m, "loss/kd": kd_m,
-                                     "loss/load_balance": lb, "loss/z": z, "train/tau": tau,
+                                     "loss/load_balance": lb, "loss/z": z, "loss/recon": recon, "train/tau": tau,
                                      "train/lr": engine.get_lr()[0], "train/tokens_per_s": rate,
-                                     **memory_gb()})
+                                     **assign_scalars, **memory_gb()})
         monitor.progress(state.step, total, rate)
         if state.step % t.log_every == 0 or state.step == t.steps:
             _log_assignment(monitor, layers, state, state.step, router_acc)
         stopping = dist.any_rank(stop.requested)
         every = cfg.checkpoint.checkpoint_every
         if stopping or (every and state.step % every == 0) or state.step == t.steps:
+            state.score_opt = None if score_opt is None else score_opt.state_dict()
             save_run_checkpoint(engine, layers, ckpt_dir, state, cfg)
             monitor.flush()
         if stopping:
@@ -523,10 +594,11 @@ def train_loop(engine, layers: list[DotMoEFFN], plan: Plan, packed: PackedData, 
 def save_run_checkpoint(engine, layers, ckpt_dir: Path, state: LoopState, cfg: RunConfig) -> CheckpointInfo:
     client = {"dotmoe": {"step": state.step, "micro_step": state.step * cfg.data.grad_accum,
                          "previous_assignment": state.previous_assignment,
+                         "initial_assignment": state.initial_assignment,
                          "losses": state.losses,
                          "frozen_scores": frozen_assignment_state(layers),
                          "kept_neurons": baselines.kept_state(engine.module)}}
-    return save_checkpoint(engine, ckpt_dir, state.step, client, {"rng": rng_state()},
+    return save_checkpoint(engine, ckpt_dir, state.step, client, {"rng": rng_state(), "scores_opt": state.score_opt},
                            keep=cfg.checkpoint.keep_checkpoints)
 
 
@@ -539,7 +611,8 @@ def resume(engine, layers, info: CheckpointInfo) -> LoopState:
     baselines.restore_kept_state(engine.module, ours.get("kept_neurons", {}))
     set_rng_state(rank_state["rng"])
     return LoopState(step=int(ours["step"]), previous_assignment=ours.get("previous_assignment"),
-                     losses=list(ours.get("losses", [])),
+                     losses=list(ours.get("losses", [])), initial_assignment=ours.get("initial_assignment"),
+                     score_opt=rank_state.get("scores_opt"),
                      last_loss=ours["losses"][-1][1] if ours.get("losses") else float("nan"))
 
 
@@ -639,7 +712,8 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
     set_plan_fn(model, plan_fn)
     say(plan_msg)
     groups = select_trainable(model, layers, cfg, float(ds["optimizer"]["params"]["lr"]))
-    aux = AuxLosses(moe_layers, cfg.objective.lb_weight, cfg.objective.z_weight, cfg.data.grad_accum)
+    aux = AuxLosses(moe_layers, cfg.objective.lb_weight, cfg.objective.z_weight, cfg.data.grad_accum,
+                    cfg.objective.recon_weight)
     if not groups:   # nothing trains (--method prune --trainable assignment): no optimizer, no steps
         ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
         say("nothing to train: the model is evaluated and exported as initialised")
