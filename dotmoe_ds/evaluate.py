@@ -48,11 +48,17 @@ KV cache is repeated for the four choices, which run as one right-padded batch (
 padding after a choice cannot change it); `method="full"` recomputes [context + choice] for each
 choice, the reference the KV path is tested against.
 
+`continuation_scores` also reports whether every choice token is the argmax of its prediction
+(lm-eval's `is_greedy`); `grouped_continuation_scores` scores several (context, choices) groups in
+two forwards (contexts but their last token into one cache, then [last context token + choice]
+rows with an attention mask and position ids), the engine of `fast_lm.FastHFLM`.
+
 lm-eval-harness (`run_lm_eval`)
 -------------------------------
 `lm_eval.simple_evaluate` with lm-eval's `hf` model on a local folder (or an in-memory model),
 fp32, CPU by default; `include_path` adds local task YAMLs (the hub is not needed for tasks over
-local files). lm-eval is imported only when called.
+local files). lm-eval is imported only when called. The zero-shot benchmark suite (`tasks` of
+`EvalSettings`) lives in `benchmarks.py`.
 """
 from __future__ import annotations
 
