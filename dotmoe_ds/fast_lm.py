@@ -24,8 +24,8 @@ class FastHFLM(HFLM):
 
     #: at most this many continuations (rows of the second forward) per batch
     max_rows: int = 32
-    #: at most this many (padded) context tokens in the first forward of a batch
-    max_tokens: int = 2048
+    #: at most this many (padded) tokens in either forward of a batch
+    max_tokens: int = 256
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -40,19 +40,23 @@ class FastHFLM(HFLM):
             conts.append(cont)
             groups.setdefault(tuple(ctx), []).append(i)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        # Longest first, as lm-eval orders its batches; similar lengths share a batch (less padding).
-        order = sorted(groups.items(), key=lambda kv: (-len(kv[0]), -max(len(conts[i]) for i in kv[1])))
-        batches, batch, rows, width = [], [], 0, 0
-        for ctx, members in order:
+        # Longest first, as lm-eval orders its batches; groups of similar context and continuation
+        # lengths share a batch, whose padded sizes in both forwards stay within max_tokens.
+        items = []
+        for ctx, members in groups.items():
             for start in range(0, len(members), self.max_rows):
                 part = members[start:start + self.max_rows]
-                new_width = max(width, len(ctx), *(len(conts[i]) for i in part))
-                if batch and ((rows + len(part)) > self.max_rows or (len(batch) + 1) * new_width > self.max_tokens):
-                    batches.append(batch)
-                    batch, rows, new_width = [], 0, max(len(ctx), *(len(conts[i]) for i in part))
-                batch.append((ctx, part))
-                rows += len(part)
-                width = new_width
+                items.append((ctx, part, max(len(conts[i]) for i in part)))
+        items.sort(key=lambda it: (-(len(it[0]) + it[2]), -it[2]))
+        batches, batch, rows, ctx_w, cont_w = [], [], 0, 0, 0
+        for ctx, part, width in items:
+            c, w = max(ctx_w, len(ctx)), max(cont_w, width)
+            if batch and (rows + len(part) > self.max_rows or (len(batch) + 1) * c > self.max_tokens
+                          or (rows + len(part)) * w > self.max_tokens):
+                batches.append(batch)
+                batch, rows, c, w = [], 0, len(ctx), width
+            batch.append((ctx, part))
+            rows, ctx_w, cont_w = rows + len(part), c, w
         if batch:
             batches.append(batch)
         with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
