@@ -535,6 +535,15 @@ def continuation_scores(model: torch.nn.Module, context_ids: Sequence[int], choi
     return reduce(_forward(model, seqs[:, :-1], keep=width).logits[:, -width:])
 
 
+def _sliding_window(model: torch.nn.Module) -> int | None:
+    """The attention window of a model whose (some) layers use sliding-window attention, else None."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
 @torch.no_grad()
 def grouped_continuation_scores(model: torch.nn.Module, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
                                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -551,7 +560,11 @@ def grouped_continuation_scores(model: torch.nn.Module, groups: Sequence[tuple[S
     for ctx, conts in groups:
         if not ctx or not conts or any(len(c) == 0 for c in conts):
             raise EvalError("empty context or continuation: each needs at least one token")
-    if min(len(ctx) for ctx, _ in groups) < 2 or len(groups) == 1:
+    window = _sliding_window(model)
+    longest = max(len(ctx) for ctx, _ in groups) + max(len(c) for _, conts in groups for c in conts)
+    if min(len(ctx) for ctx, _ in groups) < 2 or len(groups) == 1 or (window is not None and longest > window):
+        # A sliding-window cache keeps only the last `window` positions: padding would displace
+        # real context there, so such groups run one by one (unpadded).
         return [continuation_scores(model, ctx, conts) for ctx, conts in groups]
     device = next(model.parameters()).device
     heads = [list(ctx[:-1]) for ctx, _ in groups]

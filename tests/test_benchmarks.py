@@ -200,6 +200,31 @@ def _tiny_moe(vocab: int):
     return MixtralForCausalLM(config).eval()
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("long_window", [False, True])
+def test_grouped_scores_equal_whole_recomputation(family, long_window):
+    """Several (context, continuations) groups of mixed lengths in two forwards = every
+    [context + continuation] run whole; sliding-window models (window 5-6 here; 64 when
+    long_window, so the batched path runs) included."""
+    from dotmoe_ds.evaluate import continuation_scores, grouped_continuation_scores
+
+    model = tiny_model(family, seed=3, **({"sliding_window": 64} if long_window and family != "llama" else {}))
+    gen = torch.Generator().manual_seed(0)
+    groups = [(torch.randint(3, 512, (int(n),), generator=gen).tolist(),
+               [torch.randint(3, 512, (int(k),), generator=gen).tolist() for k in torch.randint(1, 7, (c,), generator=gen)])
+              for n, c in zip(torch.randint(2, 20, (6,), generator=gen), (1, 4, 2, 3, 1, 2))]
+    groups[0] = ([7], groups[0][1])            # a one-token context
+    for got, (ctx, conts) in zip(grouped_continuation_scores(model, groups), groups, strict=True):
+        ll, greedy = continuation_scores(model, ctx, conts, method="full")
+        torch.testing.assert_close(got[0], ll, atol=1e-4, rtol=0)
+        assert torch.equal(got[1], greedy)
+    # without the one-token context the batched two-forward path runs (where the window allows)
+    for got, (ctx, conts) in zip(grouped_continuation_scores(model, groups[1:]), groups[1:], strict=True):
+        ll, greedy = continuation_scores(model, ctx, conts, method="full")
+        torch.testing.assert_close(got[0], ll, atol=1e-4, rtol=0)
+        assert torch.equal(got[1], greedy)
+
+
 def _same(ours: dict, theirs: dict, tasks) -> None:
     for task in tasks:
         a, b = ours[task], theirs[task]
