@@ -7,46 +7,145 @@ Multi-process runs go through a launcher, which starts the training module itsel
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict, dataclass, fields
 
 USAGE = """usage: dotmoe <command> [flags]
 
 commands:
   train     convert a dense model into a DOT-MoE mixture of experts (dotmoe train --help for flags)
   plan      per-GPU memory plan of a conversion (dotmoe plan --help for flags)
-  eval      held-out perplexity, cloze accuracy and lm-eval tasks of a model folder (dotmoe eval --help)
+  eval      zero-shot benchmarks, perplexity and cloze accuracy of a model folder (dotmoe eval --help)
 
 Multi-process: deepspeed --num_gpus N --module dotmoe_ds.train --deepspeed ds_configs/z3.json [flags]"""
 
 
-def _eval_parser():
-    import argparse
+@dataclass
+class EvalCommand:
+    """The options of `dotmoe eval`, filled from the command line by fire (as `dotmoe train`'s)."""
 
-    parser = argparse.ArgumentParser(
-        prog="dotmoe eval",
-        description="Evaluate a causal LM folder (dense or an exported MoE) on held-out text: perplexity, the "
-                    "cloze task built from that text, and optional lm-eval-harness tasks; prints a table and "
-                    "writes json with the model's active/total parameter counts.")
-    parser.add_argument("model", metavar="MODEL_DIR", help="local model folder (a run's OUTPUT/model), or 'demo'")
-    parser.add_argument("--data", nargs="+", default=None, metavar="FILE",
-                        help="held-out text files, folders or globs, space- or comma-separated "
-                             "(default: the demo's held-out excerpt)")
-    parser.add_argument("--cloze_items", type=int, default=500, help="cloze items (0: skip the cloze task)")
-    parser.add_argument("--cloze_seed", type=int, default=0, help="seed of the cloze construction")
-    parser.add_argument("--cloze_method", choices=("kv", "full"), default="kv",
-                        help="kv: the context runs once and its cache serves the 4 choices; full: recompute")
-    parser.add_argument("--ppl_blocks", type=int, default=0,
-                        help="held-out blocks for perplexity (0: all of them, -1: skip perplexity)")
-    parser.add_argument("--seq_len", type=int, default=512, help="perplexity block length in tokens")
-    parser.add_argument("--batch_size", type=int, default=4, help="perplexity blocks per forward")
-    parser.add_argument("--lm_eval_tasks", nargs="+", default=[], metavar="TASK", help="lm-eval-harness task names")
-    parser.add_argument("--lm_eval_include", nargs="+", default=None, metavar="DIR",
-                        help="folders of extra lm-eval task YAMLs (e.g. tasks over local files)")
-    parser.add_argument("--lm_eval_limit", type=int, default=None, help="at most this many documents per lm-eval task")
-    parser.add_argument("--output", default=None, help="json file for the results (default: print only)")
-    parser.add_argument("--progress", action="store_true", help="show a progress bar while scoring the cloze items")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where the model runs (auto: cuda when a GPU is visible, else cpu)")
-    return parser
+    model: str = ""
+    """local model folder (a run's OUTPUT/model: dense, pruned or an exported MoE), or 'demo'; also positional"""
+    tasks: str = ""
+    """zero-shot benchmarks, comma-separated, or 'all': arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,lambada
+    (data fetched into $DOTMOE_CACHE on first use)"""
+    limit: int = 0
+    """the first N items of each benchmark task (0: every item)"""
+    scorer: str = "fast"
+    """fast: our shared-context scorer inside lm-eval (same numbers); lm_eval: lm-eval's own HFLM"""
+    lm_eval_batch_size: int = 1
+    """batch size of lm-eval's HFLM (--scorer lm_eval)"""
+    dense_results: str = ""
+    """--output json of the dense model's `dotmoe eval` with the same --tasks: adds the retention"""
+    data: str = ""
+    """held-out text files, folders or globs, comma-separated (default: the demo's held-out excerpt)"""
+    cloze_items: int = 500
+    """cloze items built from the held-out text (0: skip the cloze task)"""
+    cloze_seed: int = 0
+    """seed of the cloze construction"""
+    cloze_method: str = "kv"
+    """kv: the context runs once and its cache serves the 4 choices; full: recompute"""
+    ppl_blocks: int = 0
+    """held-out blocks for perplexity (0: all of them, -1: skip perplexity)"""
+    seq_len: int = 512
+    """perplexity block length in tokens"""
+    batch_size: int = 4
+    """perplexity blocks per forward"""
+    lm_eval_tasks: str = ""
+    """other lm-eval-harness task names, comma-separated (with --lm_eval_include for local ones)"""
+    lm_eval_include: str = ""
+    """folders of extra lm-eval task YAMLs, comma-separated"""
+    lm_eval_limit: int = 0
+    """at most this many documents per --lm_eval_tasks task (0: all)"""
+    output: str = ""
+    """json file for the results (default: print only)"""
+    progress: bool = False
+    """show a progress bar while scoring the cloze items"""
+    device: str = "auto"
+    """where the model runs: auto (cuda when a GPU is visible, else cpu), cpu or cuda"""
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: " ".join(str(nxt.value.value).split()) for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
+
+
+def eval_help() -> str:
+    docs = _field_docs(EvalCommand)
+    lines = ["usage: dotmoe eval MODEL_DIR [--flag value ...]", "",
+             "Evaluate a causal LM folder (dense, pruned or an exported MoE): held-out perplexity, the cloze task",
+             "built from held-out text, the zero-shot benchmarks through lm-eval-harness (--tasks); prints a table",
+             "and writes json with the model's active/total parameter counts.", ""]
+    for f in fields(EvalCommand):
+        lines.append(f"  --{f.name} (default: {f.default!r})")
+        lines.append(f"      {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def parse_eval_args(argv: list[str]) -> EvalCommand | None:
+    """EvalCommand from a command line (None when --help was printed); EvalError for bad flags."""
+    import typing
+
+    from dotmoe_ds.config import ConfigError, split_command_line
+    from dotmoe_ds.evaluate import EvalError
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(eval_help())
+        return None
+    try:
+        args, flags = split_command_line(argv)
+    except ConfigError as err:
+        raise EvalError(str(err)) from None
+    cmd = EvalCommand()
+    if len(args) > 1 or (args and "model" in flags):
+        raise EvalError(f"one model folder expected, got {' '.join(map(str, args))}: every other option is a flag "
+                        "(dotmoe eval --help), and lists are comma-separated (--data a.txt,b.txt)")
+    if args:
+        flags = {"model": args[0], **flags}
+    types = typing.get_type_hints(EvalCommand)
+    names = [f.name for f in fields(EvalCommand)]
+    for raw, value in flags.items():
+        name = raw.replace("-", "_")
+        if name not in names:
+            import difflib
+
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean --{close[0]}?" if close else ""
+            raise EvalError(f"unknown flag --{raw}{hint} (dotmoe eval --help lists the flags)")
+        kind = types[name]
+        if kind is bool:
+            if not isinstance(value, bool) and str(value).lower() not in ("true", "false", "1", "0"):
+                raise EvalError(f"--{name} is a switch: pass --{name} or --{name}=false, got {value!r}")
+            value = value if isinstance(value, bool) else str(value).lower() in ("true", "1")
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+                raise EvalError(f"--{name} must be an integer, got {value!r}")
+            value = int(value)
+        else:
+            if isinstance(value, bool):
+                raise EvalError(f"--{name} needs a value, e.g. --{name} VALUE")
+            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        setattr(cmd, name, value)
+    if not cmd.model:
+        raise EvalError("no model given: dotmoe eval MODEL_DIR [flags] (a local model folder, or 'demo')")
+    if cmd.cloze_items < 0:
+        raise EvalError(f"--cloze_items must be >= 0, got {cmd.cloze_items}")
+    if cmd.ppl_blocks < -1:
+        raise EvalError(f"--ppl_blocks must be >= -1 (-1 skips perplexity), got {cmd.ppl_blocks}")
+    if cmd.device not in ("auto", "cpu", "cuda"):
+        raise EvalError(f"--device must be auto, cpu or cuda, got {cmd.device!r}")
+    if cmd.cloze_method not in ("kv", "full"):
+        raise EvalError(f"--cloze_method must be kv or full, got {cmd.cloze_method!r}")
+    if cmd.limit < 0 or cmd.lm_eval_limit < 0:
+        raise EvalError("--limit and --lm_eval_limit must be >= 0 (0: every item)")
+    return cmd
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _eval_device(choice: str) -> str:
@@ -66,31 +165,26 @@ def eval_main(argv: list[str]) -> int:
     from dotmoe_ds.demo import DemoModelError
     from dotmoe_ds.evaluate import EvalError, EvalSettings, evaluate_model, format_table
 
-    parser = _eval_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as done:      # --help (0) or bad flags (2, message already printed)
-        return int(done.code or 0)
-    try:
-        if args.cloze_items < 0:
-            raise EvalError(f"--cloze_items must be >= 0, got {args.cloze_items}")
-        if args.ppl_blocks < -1:
-            raise EvalError(f"--ppl_blocks must be >= -1 (-1 skips perplexity), got {args.ppl_blocks}")
-        output = Path(args.output) if args.output else None
+        cmd = parse_eval_args(list(argv))
+        if cmd is None:
+            return 0
+        output = Path(cmd.output) if cmd.output else None
         if output is not None and not output.parent.is_dir():
             raise EvalError(f"the folder of --output {output} does not exist; create it or pick another path")
-        # "a.txt,b.txt" as the trainer's flags take it, or separate words; an existing path stays whole.
-        data = None if args.data is None else [
-            part for entry in args.data for part in ([entry] if Path(entry).exists() else entry.split(",")) if part]
-        settings = EvalSettings(data=data, cloze_items=args.cloze_items, cloze_seed=args.cloze_seed,
-                                cloze_method=args.cloze_method, ppl_blocks=args.ppl_blocks, seq_len=args.seq_len,
-                                batch_size=args.batch_size, lm_eval_tasks=args.lm_eval_tasks,
-                                lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
-                                progress=args.progress, device=_eval_device(args.device))
-        result = evaluate_model(args.model, settings)
+        settings = EvalSettings(data=_split(cmd.data) or None, cloze_items=cmd.cloze_items, cloze_seed=cmd.cloze_seed,
+                                cloze_method=cmd.cloze_method, ppl_blocks=cmd.ppl_blocks, seq_len=cmd.seq_len,
+                                batch_size=cmd.batch_size, lm_eval_tasks=_split(cmd.lm_eval_tasks),
+                                lm_eval_include=_split(cmd.lm_eval_include) or None,
+                                lm_eval_limit=cmd.lm_eval_limit or None, progress=cmd.progress,
+                                tasks=_split(cmd.tasks), limit=cmd.limit or None, scorer=cmd.scorer,
+                                lm_eval_batch_size=cmd.lm_eval_batch_size, dense_results=cmd.dense_results or None,
+                                device=_eval_device(cmd.device))
+        result = evaluate_model(cmd.model, settings)
     except (EvalError, DataError, DemoModelError) as err:
         print(f"dotmoe eval: error: {err}", file=sys.stderr)
         return 2
+    result["command"] = asdict(cmd)
     print(format_table(result))
     if output is not None:
         output.write_text(json.dumps(result, indent=2) + "\n")

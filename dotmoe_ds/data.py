@@ -106,7 +106,6 @@ class HubSource:
 
 
 _Source = LocalSource | HubSource
-_LocalSource = LocalSource   # the old name, until evaluate.read_text_files imports LocalSource
 
 
 # ---------------------------------------------------------------------------------------------

