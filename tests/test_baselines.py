@@ -174,7 +174,7 @@ def test_registry_names_and_flags_parse_to_the_intended_runs():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune")
-    model = save_tiny_model("llama", root / "llama")
+    save_tiny_model("llama", root / "llama")
     text = (ROOT / "dotmoe_ds" / "demo_data" / "calibration" / "emma.txt").read_text()
     (root / "text").mkdir()
     (root / "text" / "a.txt").write_text(text[:20000])
