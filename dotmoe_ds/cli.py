@@ -64,17 +64,10 @@ class EvalCommand:
     """where the model runs: auto (cuda when a GPU is visible, else cpu), cpu or cuda"""
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {node.target.id: " ".join(str(nxt.value.value).split()) for node, nxt in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
-
-
 def eval_help() -> str:
-    docs = _field_docs(EvalCommand)
+    from dotmoe_ds.config import field_docs
+
+    docs = {name: " ".join(doc.split()) for name, doc in field_docs(EvalCommand).items()}
     lines = ["usage: dotmoe eval MODEL_DIR [--flag value ...]", "",
              "Evaluate a causal LM folder (dense, pruned or an exported MoE): held-out perplexity, the cloze task",
              "built from held-out text, the zero-shot benchmarks through lm-eval-harness (--tasks); prints a table",

@@ -431,14 +431,14 @@ def help_text(prog: str = "dotmoe train") -> str:
         lines += ["", f"{section}:"]
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            doc = _field_docs(cls).get(f.name, "")
+            doc = field_docs(cls).get(f.name, "")
             lines.append(f"  --{f.name} (default: {default!r})")
             if doc:
                 lines += [f"      {line.strip()}" for line in doc.splitlines()]
     return "\n".join(lines)
 
 
-def _field_docs(cls: type) -> dict[str, str]:
+def field_docs(cls: type) -> dict[str, str]:
     """Field docstrings (the string literal under each field) read from the source."""
     import ast
     import inspect
