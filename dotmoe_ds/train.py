@@ -64,7 +64,7 @@ from dotmoe_ds.sharded_sinkhorn import broadcast_from_owners, select_plan_fn
 from dotmoe_ds.spec import MoESpec, SpecError, describe_budget, resolve_budget
 from dotmoe_ds.runframe import (EXIT_USAGE, PreflightError, check_causal_lm, checked_data_config,
                                 is_main_process, launch, load_data, load_model_config, open_run, output_action,
-                                say, stopped_exit)
+                                say, start_or_resume, stopped_exit)
 from dotmoe_ds.runlock import RunLockError
 
 
@@ -719,26 +719,25 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
         say("nothing to train: the model is evaluated and exported as initialised")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups or None, config=ds)
 
-    # From here on a stop signal is a flag honoured at the first step boundary (with a checkpoint),
-    # also when it arrives during the resume or the initialisation below.
-    stop = StopSignal().install()
-    try:
-        if plan.resume_from is not None:
-            state = resume(engine, moe_layers, plan.resume_from)
-            say(f"resumed from {plan.resume_from.path} at step {state.step}")
+    def resumed() -> LoopState:
+        state = resume(engine, moe_layers, plan.resume_from)
+        say(f"resumed from {plan.resume_from.path} at step {state.step}")
+        return state
+
+    def started() -> LoopState:
+        n_calib = max(1, -(-cfg.moe.calib_tokens // cfg.data.seq_len))
+        calib = torch.from_numpy(packed.train[:n_calib].astype("int64"))
+        if cfg.moe.method == PRUNE:
+            init = initialise_pruning(engine, layers, cfg, calib, baselines.kept_count(plan.spec))
         else:
-            n_calib = max(1, -(-cfg.moe.calib_tokens // cfg.data.seq_len))
-            calib = torch.from_numpy(packed.train[:n_calib].astype("int64"))
-            if cfg.moe.method == PRUNE:
-                init = initialise_pruning(engine, layers, cfg, calib, baselines.kept_count(plan.spec))
-            else:
-                init = initialise_assignment(engine, layers, cfg, calib)
-            state = LoopState()
-            what = init.get("what") or f"initial partition '{cfg.partition}' and router '{cfg.moe.router_init}'"
-            say(f"{what} in {init['init_seconds']:.1f} s")
-    except BaseException:
-        stop.uninstall()
-        raise
+            init = initialise_assignment(engine, layers, cfg, calib)
+        what = init.get("what") or f"initial partition '{cfg.partition}' and router '{cfg.moe.router_init}'"
+        say(f"{what} in {init['init_seconds']:.1f} s")
+        return LoopState()
+
+    # From here on a stop signal is a flag honoured at the first step boundary (with a checkpoint),
+    # also when it arrives during the resume or the initialisation.
+    stop, state = start_or_resume(resumed if plan.resume_from is not None else None, started)
 
     monitor = Monitor(plan.output / "tensorboard" / "dotmoe", cfg.train.steps, state.step, enabled=info.is_main)
     try:
