@@ -15,16 +15,8 @@ STEPS, BOUND_FRAC, D_FF, E = 8, 0.1, 96, 4
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from dotmoe_ds.tiny_models import save_tiny_model
-
-    root = tmp_path_factory.mktemp("assign")
-    save_tiny_model("llama", root / "llama")
-    text = (ROOT / "dotmoe_ds" / "demo_data" / "calibration" / "emma.txt").read_text()
-    (root / "text").mkdir()
-    (root / "text" / "a.txt").write_text(text[:20000])
-    (root / "held.txt").write_text(text[30000:36000])
-    return root
+def tiny(tiny_llama_with_text):
+    return tiny_llama_with_text
 
 
 def _run(root, out, *extra):

@@ -19,7 +19,7 @@ from dotmoe_ds.evaluate import perplexity
 from dotmoe_ds.families import adapter_for
 from dotmoe_ds.partition import activation_importance
 from dotmoe_ds.spec import MoESpec
-from dotmoe_ds.tiny_models import save_tiny_model, tiny_model
+from dotmoe_ds.tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,14 +172,8 @@ def test_registry_names_and_flags_parse_to_the_intended_runs():
 # ---------------------------------------------------------------------- the trainer
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prune")
-    save_tiny_model("llama", root / "llama")
-    text = (ROOT / "dotmoe_ds" / "demo_data" / "calibration" / "emma.txt").read_text()
-    (root / "text").mkdir()
-    (root / "text" / "a.txt").write_text(text[:20000])
-    (root / "held.txt").write_text(text[30000:36000])
-    return root
+def tiny(tiny_llama_with_text):
+    return tiny_llama_with_text
 
 
 def _argv(root, out, *extra):

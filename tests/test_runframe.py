@@ -33,15 +33,6 @@ def tiny(tmp_path_factory):
     return {"model": model, "root": root}
 
 
-@pytest.fixture
-def no_expensive_work(monkeypatch):
-    def forbidden(*a, **k):
-        raise AssertionError("expensive work started before the input was checked")
-    monkeypatch.setattr(train.dist, "init_distributed", forbidden)
-    monkeypatch.setattr(runframe, "prepare_data", forbidden)
-    monkeypatch.setattr(train, "build_model", forbidden)
-
-
 def _argv(tiny, tmp_path, data, *extra):
     return ["--model", str(tiny["model"]), "--data", str(data), "--output", str(tmp_path / "out"),
             "--num_experts", "4", "--top_k", "2", "--seq_len", "32", "--cache_dir", str(tmp_path / "cache"),

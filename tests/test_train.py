@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from dotmoe_ds import runframe, train
+from dotmoe_ds import train
 from dotmoe_ds.layer import DotMoEFFN, set_mode
 from dotmoe_ds.spec import MoESpec
 from dotmoe_ds.tiny_models import save_tiny_model
@@ -22,16 +22,6 @@ def tiny(tmp_path_factory):
     held = root / "held.txt"
     held.write_text("However little known the feelings or views of such a man may be. " * 100)
     return {"model": model, "data": text, "held": held, "root": root}
-
-
-@pytest.fixture
-def no_expensive_work(monkeypatch):
-    """Fail the test if anything past preflight starts (process group, data, model)."""
-    def forbidden(*a, **k):
-        raise AssertionError("expensive work started before the input was checked")
-    monkeypatch.setattr(train.dist, "init_distributed", forbidden)
-    monkeypatch.setattr(runframe, "prepare_data", forbidden)
-    monkeypatch.setattr(train, "build_model", forbidden)
 
 
 def _args(tiny, tmp_path, **over):
