@@ -490,6 +490,15 @@ def choice_loglikelihoods(model: torch.nn.Module, context_ids: Sequence[int], ch
     return continuation_scores(model, context_ids, choice_ids, method=method)[0]
 
 
+def _score_rows(logits: torch.Tensor, targets: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability float64 `[n]`, greedy bool `[n]`) of right-padded `targets` `[n, width]`
+    under `logits` `[n, width, V]` predicting them; positions where `real` is False count neither way."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    per_token = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
+    greedy = ((logprobs.argmax(-1) == targets) | ~real).all(1)
+    return (per_token * real).sum(1).cpu(), greedy.cpu()
+
+
 @torch.no_grad()
 def continuation_scores(model: torch.nn.Module, context_ids: Sequence[int], choice_ids: Sequence[Sequence[int]],
                         *, method: str = "kv") -> tuple[torch.Tensor, torch.Tensor]:
@@ -510,11 +519,7 @@ def continuation_scores(model: torch.nn.Module, context_ids: Sequence[int], choi
     ctx = torch.tensor([list(context_ids)], dtype=torch.long, device=device)
 
     def reduce(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # logits [n, width, V] predicting `choices`; padding positions count neither way.
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        per_token = logprobs.gather(-1, choices.unsqueeze(-1)).squeeze(-1).double()
-        hit = (logprobs.argmax(-1) == choices) | ~real
-        return (per_token * real).sum(1).cpu(), hit.all(1).cpu()
+        return _score_rows(logits, choices, real)
 
     if method == "kv":
         out = _forward(model, ctx, keep=1, use_cache=True)
@@ -586,12 +591,7 @@ def grouped_continuation_scores(model: torch.nn.Module, groups: Sequence[tuple[S
     positions = (head_len[owner][:, None] + torch.arange(width)).to(device)
     logits = model(input_ids=_padded(rows, pad=0).to(device), past_key_values=cache, attention_mask=mask,
                    position_ids=positions, use_cache=True).logits
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    tgt = _padded(targets, pad=0).to(device)
-    real = real.to(device)
-    per_token = logprobs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double()
-    ll = (per_token * real).sum(1).cpu()
-    greedy = ((logprobs.argmax(-1) == tgt) | ~real).all(1).cpu()
+    ll, greedy = _score_rows(logits, _padded(targets, pad=0).to(device), real.to(device))
     out_groups, start = [], 0
     for _, conts in groups:
         out_groups.append((ll[start:start + len(conts)], greedy[start:start + len(conts)]))
