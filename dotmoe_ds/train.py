@@ -294,8 +294,7 @@ def select_trainable(model, layers: list[DotMoEFFN], cfg: RunConfig, base_lr: fl
     if method == PRUNE:   # no scores, no router: the kept weights when weights train, else nothing
         baselines.mark_trainable(model, o.trainable)
     for layer in (layer for layer in layers if isinstance(layer, DotMoEFFN)):
-        layer.scores.requires_grad_(False)
-        layer.learn_scores = method == "dot"
+        layer.scores.requires_grad_(False)   # learned (method dot) by train_loop's ScoreOptimizer
         layer.router.weight.requires_grad_(True)
         routers.append(layer.router.weight)
         if o.trainable == "ffn":
