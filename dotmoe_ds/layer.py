@@ -341,12 +341,6 @@ def set_plan_fn(model: nn.Module, plan_fn: Callable[..., Tensor] | None) -> None
         layer.plan_fn = plan_fn
 
 
-def set_recon(model: nn.Module, on: bool) -> None:
-    """Whether every layer computes its reconstruction error in training forwards."""
-    for layer in dotmoe_layers(model):
-        layer.recon = bool(on)
-
-
 def set_tau(model: nn.Module, tau: float) -> None:
     for layer in dotmoe_layers(model):
         layer.tau = float(tau)
