@@ -441,7 +441,7 @@ class LlamaSharedExpertAdapter(Qwen2MoeTarget):
         return settings
 
     def _sliding_window(self, config) -> int | None:
-        return getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+        return getattr(config, "sliding_window", None)   # Mistral's; Llama configs have none
 
     def _moe_fields(self, config, spec, expert_size, router_aux_loss_coef):
         fields = super()._moe_fields(config, spec, expert_size, router_aux_loss_coef)
