@@ -240,7 +240,7 @@ def real_model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
                          f"{', '.join(sorted(DEMO_ALIASES | QWEN_CODER_ALIASES))} or a local folder")
 
 
-def demo_hub_id(folder: str | os.PathLike) -> str | None:
+def packaged_hub_id(folder: str | os.PathLike) -> str | None:
     """The hub id of the model a packaged real-model folder was dequantised from (its
     dotmoe_source.json names the GGUF: the demo SmolLM2 or Qwen2.5-Coder), else None: what a model
     card should call it instead of a cache path."""

@@ -3,7 +3,7 @@
 `portable_command` is the command line with the interpreter written as `python` and every absolute
 path argument made relative to the working directory (`--model /home/me/runs/x` run from
 /home/me becomes `--model runs/x`); `public_model_name` is the name a model card gives the source
-model: the hub id for the demo model, what the user passed for a hub id, a relative path for a
+model: the hub id for a packaged model (demo, qwen-coder), what the user passed for a hub id, a relative path for a
 local folder. Neither ever returns an absolute path.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from dotmoe_ds.demo import demo_hub_id
+from dotmoe_ds.demo import packaged_hub_id
 
 
 def _relative(arg: str) -> str:
@@ -48,13 +48,13 @@ def is_hub_id(name: str) -> bool:
 
 
 def public_model_name(source: str | os.PathLike | None) -> str | None:
-    """The demo's hub id for the demo folder; a hub id as given; else the path relative to the working
+    """The hub id for a packaged model's folder; a hub id as given; else the path relative to the working
     directory. None for None."""
     if source is None:
         return None
     source = str(source)
     if Path(source).is_dir():
-        hub = demo_hub_id(source)
+        hub = packaged_hub_id(source)
         if hub is not None:
             return hub
     return _relative(source)
