@@ -303,10 +303,11 @@ def task_folder(data_dir: Path) -> Path:
 
 def run_benchmarks(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, *, limit: int | None = None,
                    scorer: str = "fast", batch_size: int = 1, cache_dir: str | Path | None = None,
-                   keep_samples: bool = False, device: str = "cpu") -> dict:
+                   keep_samples: bool = False, device: str = "cpu", data_dir: Path | None = None) -> dict:
     """{task: {acc, acc_stderr, [acc_norm, acc_norm_stderr], [perplexity], n, split}} of an in-memory
     causal LM through lm-eval (`scorer` 'fast': FastHFLM, 'lm_eval': lm-eval's HFLM at
-    `batch_size`). keep_samples adds each task's per-item (log-likelihood, is_greedy) lists."""
+    `batch_size`). keep_samples adds each task's per-item (log-likelihood, is_greedy) lists.
+    `data_dir`: what `ensure_benchmark_data` returned, when the caller already checked the data."""
     tasks = check_tasks(tasks)
     if scorer not in ("fast", "lm_eval"):
         raise EvalError(f"scorer must be 'fast' or 'lm_eval', got {scorer!r}")
@@ -317,7 +318,7 @@ def run_benchmarks(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, *, li
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise EvalError("the benchmarks need lm-eval: pip install 'lm-eval>=0.4.13,<0.5' (the eval extra)") from None
-    folder = task_folder(ensure_benchmark_data(cache_dir))
+    folder = task_folder(data_dir if data_dir is not None else ensure_benchmark_data(cache_dir))
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     if scorer == "fast":
         from dotmoe_ds.fast_lm import fast_lm

@@ -758,7 +758,7 @@ def evaluate_model(model_dir: str | Path, settings: EvalSettings = EvalSettings(
             raise EvalError(f"--scorer must be fast or lm_eval, got {settings.scorer!r}")
         if settings.dense_results:
             dense = benchmarks.read_dense_results(settings.dense_results)
-        benchmarks.ensure_benchmark_data()     # fetched (once) before the model loads
+        data_dir = benchmarks.ensure_benchmark_data()     # fetched (once) and checked before the model loads
     elif settings.dense_results:
         raise EvalError("--dense_results compares benchmark accuracies: pass --tasks too")
     if settings.lm_eval_include:
@@ -797,7 +797,8 @@ def evaluate_model(model_dir: str | Path, settings: EvalSettings = EvalSettings(
 
         start = time.perf_counter()
         scores = benchmarks.run_benchmarks(model, tokenizer, tasks, limit=settings.limit, scorer=settings.scorer,
-                                           batch_size=settings.lm_eval_batch_size, device=settings.device)
+                                           batch_size=settings.lm_eval_batch_size, device=settings.device,
+                                           data_dir=data_dir)
         result["benchmarks"] = {"tasks": scores, "average": benchmarks.suite_average(scores),
                                 "limit": settings.limit, "scorer": settings.scorer,
                                 "lm_eval_task_definitions": benchmarks.LM_EVAL_VERSION,
