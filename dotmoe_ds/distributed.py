@@ -96,10 +96,29 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, info.local_rank, info.local_world_size)
 
 
-def shutdown() -> None:
-    """Destroy the process group (without it, some runs aborted at interpreter exit)."""
+def shutdown(*, succeeded: bool = False) -> None:
+    """Destroy the process group (without it, some runs aborted at interpreter exit). After a run
+    that succeeded on every rank, a barrier first: no rank tears down gloo while a peer still has a
+    collective in flight. Never after a failure, where a peer may never reach the barrier."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if succeeded and torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Leave a finished run's process with `code`, skipping the interpreter's finalisation.
+
+    Even after destroy_process_group, a 2-rank gloo run on CPU now and then aborted while the
+    interpreter tore down ("terminate called without an active exception", SIGABRT, exit -6 after
+    the run had printed its results and written its export): C++ threads of torch/gloo/DeepSpeed
+    outlive the Python objects that own them. Everything a run writes is closed and flushed before
+    `main` returns, so the finalisation has nothing left to do but race those threads."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_initialized() -> bool:

@@ -217,10 +217,13 @@ def launch(cfg: RunConfig, preflight_fn: Callable, body: Callable) -> int:
                 lock.discard()          # refused before writing anything: leave no folder behind
             raise
         info = dist.init_distributed()
+        succeeded = False
         try:
-            return body(plan, info, wall_start)
+            code = body(plan, info, wall_start)
+            succeeded = code == 0
+            return code
         finally:
-            dist.shutdown()
+            dist.shutdown(succeeded=succeeded)
     finally:
         if lock is not None:
             lock.release()
