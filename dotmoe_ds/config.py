@@ -195,6 +195,9 @@ class CheckpointArgs:
     """intact checkpoints kept (older ones are deleted once a newer one is complete; damaged ones never count)"""
     resume: bool = False
     """continue from the latest complete checkpoint in OUTPUT/checkpoints (required to exist)"""
+    stop_at_step: int = 0
+    """stop once this optimizer step is done, with a checkpoint, exactly as on SIGTERM (exit 75; rerun
+    with --resume to go on): splits a long run over time-boxed jobs; 0: run to --steps"""
     overwrite: bool = False
     """delete an existing OUTPUT folder of an earlier run and start afresh (refused while another run holds
     OUTPUT/dotmoe.lock)"""
@@ -384,7 +387,7 @@ def validate(cfg: RunConfig) -> None:
                         ("calib_tokens", m.calib_tokens)):
         if value < 1:
             raise ConfigError(f"--{name} must be at least 1, got {value}")
-    for name, value in (("checkpoint_every", c.checkpoint_every), ("eval_blocks", e.eval_blocks),
+    for name, value in (("checkpoint_every", c.checkpoint_every), ("stop_at_step", c.stop_at_step), ("eval_blocks", e.eval_blocks),
                         ("threads", t.threads)):
         if value < 0:
             raise ConfigError(f"--{name} must be >= 0, got {value}")

@@ -46,7 +46,7 @@ from dotmoe_ds.families import ADAPTERS, FamilyAdapter
 from dotmoe_ds.monitor import Monitor, Throughput, memory_gb
 from dotmoe_ds.provenance import portable_command, public_model_name
 from dotmoe_ds.runframe import (PreflightError, checked_data_config, launch, load_data, load_model_config, open_run,
-                                output_action, say, start_or_resume, stopped_exit)
+                                output_action, say, start_or_resume, stop_requested, stopped_exit)
 
 # The settings a resumed recovery must share with the run it continues, besides train.RESUME_KEYS:
 # the expert-parallel size fixes how the experts are partitioned in the checkpoint.
@@ -336,7 +336,7 @@ def train_recovery(engine, plan: RecoveryPlan, packed: PackedData, state: Recove
         monitor.progress(state.step, ce, rate)
         if state.step % t.log_every == 0 or state.step == t.steps:
             log_expert_load(monitor, layers, state.step)
-        stopping = dist.any_rank(stop.requested)
+        stopping = stop_requested(stop, state.step, cfg)
         every = cfg.checkpoint.checkpoint_every
         if stopping or (every and state.step % every == 0) or state.step == t.steps:
             save_recovery_checkpoint(engine, plan, state)

@@ -9,7 +9,8 @@ up: load, train, finish). The frame supplies what they share:
                                       older intact one); rank 0 prepares OUTPUT; the DeepSpeed config
     load_data(plan)                   tokenised, packed blocks (rank 0 builds the cache)
     start_or_resume(resume, start)    the stop-signal scaffold around resuming / initialising
-    stopped_exit(stop, step)          the log line and exit code of a run stopped by a signal
+    stop_requested(stop, step, cfg)   a signal on any rank or --stop_at_step reached (collective)
+    stopped_exit(stop, step)          the log line and exit code of a run stopped by a signal or --stop_at_step
 
 and the preflight pieces: load_model_config, check_causal_lm, data_config, output_action,
 check_resume_config, plus `say` (rank 0's log line). A phase's plan needs the attributes
@@ -309,7 +310,14 @@ def start_or_resume(resume: Callable, start: Callable):
         raise
 
 
+def stop_requested(stop: StopSignal, step: int, cfg: RunConfig) -> bool:
+    """Collective: a stop signal on any rank, or `--stop_at_step` reached before the last step."""
+    at = cfg.checkpoint.stop_at_step
+    return dist.any_rank(stop.requested) or (0 < at <= step < cfg.train.steps)
+
+
 def stopped_exit(stop: StopSignal, step: int) -> int:
-    say(f"stopped by signal {stop.received} at step {step}; checkpoint saved, exiting with {EXIT_REQUEUE} "
-        "(requeue and rerun the same command to resume)")
+    why = f"signal {stop.received}" if stop.requested else "--stop_at_step"
+    say(f"stopped by {why} at step {step}; checkpoint saved, exiting with {EXIT_REQUEUE} "
+        "(rerun the same command with --resume to go on)")
     return EXIT_REQUEUE

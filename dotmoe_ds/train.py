@@ -64,7 +64,7 @@ from dotmoe_ds.sharded_sinkhorn import broadcast_from_owners, select_plan_fn
 from dotmoe_ds.spec import MoESpec, SpecError, describe_budget, resolve_budget
 from dotmoe_ds.runframe import (EXIT_USAGE, PreflightError, check_causal_lm, checked_data_config,
                                 is_main_process, launch, load_data, load_model_config, open_run, output_action,
-                                say, start_or_resume, stopped_exit)
+                                say, start_or_resume, stop_requested, stopped_exit)
 from dotmoe_ds.runlock import RunLockError
 
 
@@ -579,7 +579,7 @@ def train_loop(engine, layers: list[DotMoEFFN], plan: Plan, packed: PackedData, 
         monitor.progress(state.step, total, rate)
         if state.step % t.log_every == 0 or state.step == t.steps:
             _log_assignment(monitor, layers, state, state.step, router_acc)
-        stopping = dist.any_rank(stop.requested)
+        stopping = stop_requested(stop, state.step, cfg)
         every = cfg.checkpoint.checkpoint_every
         if stopping or (every and state.step % every == 0) or state.step == t.steps:
             state.score_opt = None if score_opt is None else score_opt.state_dict()

