@@ -544,6 +544,7 @@ def prepare_mix(austen_dir: str | Path | None, max_chars: int = DEFAULT_MAX_CHAR
                 *, heldout_chars: int = DEFAULT_HELDOUT_CHARS, cache_dir: str | Path | None = None) -> Mix:
     """The calibration mix: Austen's books from `austen_dir` as they are (no Austen domain when
     None), and each fetched source's calibration and held-out text at the given caps."""
+    sources = [s.strip() for s in sources.split(",") if s.strip()] if isinstance(sources, str) else list(sources)
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
         raise CorpusError(f"unknown corpus source(s) {', '.join(unknown)}; available: {', '.join(SOURCES)}")
