@@ -48,6 +48,12 @@ class EvalCommand:
     """held-out blocks for perplexity (0: all of them, -1: skip perplexity)"""
     seq_len: int = 512
     """perplexity block length in tokens"""
+    domains: str = ""
+    """held-out perplexity per domain: NAME=FILES[;NAME=FILES...] (FILES comma-separated, as --data), or 'mix':
+    the held-out parts of the calibration mix (King James Bible, Linux docs; fetched into $DOTMOE_CACHE on first
+    use) plus Austen's held-out novels from --austen_dir"""
+    austen_dir: str = ""
+    """with --domains mix: the folder of the six Austen novels, whose two held-out ones form the austen domain"""
     batch_size: int = 4
     """perplexity blocks per forward"""
     lm_eval_tasks: str = ""
@@ -132,6 +138,8 @@ def parse_eval_args(argv: list[str]) -> EvalCommand | None:
         raise EvalError(f"--device must be auto, cpu or cuda, got {cmd.device!r}")
     if cmd.cloze_method not in ("kv", "full"):
         raise EvalError(f"--cloze_method must be kv or full, got {cmd.cloze_method!r}")
+    if cmd.austen_dir and not cmd.domains:
+        raise EvalError("--austen_dir gives the Austen domain of --domains mix; pass --domains mix too")
     if cmd.limit < 0 or cmd.lm_eval_limit < 0:
         raise EvalError("--limit and --lm_eval_limit must be >= 0 (0: every item)")
     return cmd
@@ -156,7 +164,7 @@ def eval_main(argv: list[str]) -> int:
 
     from dotmoe_ds.data import DataError
     from dotmoe_ds.demo import DemoModelError
-    from dotmoe_ds.evaluate import EvalError, EvalSettings, evaluate_model, format_table
+    from dotmoe_ds.evaluate import EvalError, EvalSettings, evaluate_model, format_table, parse_domains
 
     try:
         cmd = parse_eval_args(list(argv))
@@ -172,7 +180,8 @@ def eval_main(argv: list[str]) -> int:
                                 lm_eval_limit=cmd.lm_eval_limit or None, progress=cmd.progress,
                                 tasks=_split(cmd.tasks), limit=cmd.limit or None, scorer=cmd.scorer,
                                 lm_eval_batch_size=cmd.lm_eval_batch_size, dense_results=cmd.dense_results or None,
-                                device=_eval_device(cmd.device))
+                                device=_eval_device(cmd.device),
+                                domains=parse_domains(cmd.domains, cmd.austen_dir) if cmd.domains else None)
         result = evaluate_model(cmd.model, settings)
     except (EvalError, DataError, DemoModelError) as err:
         print(f"dotmoe eval: error: {err}", file=sys.stderr)

@@ -10,6 +10,10 @@ are left out of the sums. The token negative log-likelihoods are summed in float
 all-reduced, so the result does not depend on the number of ranks or the batch size (beyond float
 rounding inside the model).
 
+Per domain (`EvalSettings.domains`, `dotmoe eval --domains`): each domain's files are packed and
+scored alone, exactly as `--data` with those files would be, with the same `seq_len` and
+`ppl_blocks`; `--domains mix` takes the held-out parts of the calibration mix (`corpora.py`).
+
 Cloze (`build_cloze`, `score_cloze`)
 ------------------------------------
 A multiple-choice task made deterministically from held-out text, for the offline quality study
@@ -720,6 +724,7 @@ class EvalSettings:
     scorer: str = "fast"                # fast: FastHFLM; lm_eval: lm-eval's HFLM
     lm_eval_batch_size: int = 1         # HFLM's batch size (scorer lm_eval)
     dense_results: str | None = None    # `dotmoe eval --output` json of the dense model: adds retention
+    domains: dict[str, list[str]] | None = None   # held-out perplexity per domain: {name: files}
 
 
 def _check_data(data: Sequence[str]) -> None:
@@ -730,6 +735,45 @@ def _check_data(data: Sequence[str]) -> None:
             resolve_source(str(spec))
         except DataError as err:
             raise EvalError(str(err)) from None
+
+
+_DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def parse_domains(spec: str, austen_dir: str = "", *, cache_dir: str | Path | None = None) -> dict[str, list[str]]:
+    """{domain: held-out files} of `--domains`: `NAME=FILES[;NAME=FILES...]` (FILES comma-separated,
+    as --data), or `mix`: the held-out parts of the calibration mix (`corpora.prepare_mix`, fetched
+    on first use), with the Austen held-out novels of `austen_dir` when given."""
+    spec = spec.strip()
+    if spec == "mix":
+        from dotmoe_ds.corpora import CorpusError, prepare_mix
+
+        try:
+            mix = prepare_mix(austen_dir or None, cache_dir=cache_dir)
+        except CorpusError as err:
+            raise EvalError(str(err)) from None
+        return {name: [str(p) for p in files] for name, files in mix.heldout.items()}
+    if austen_dir:
+        raise EvalError("--austen_dir adds the Austen domain of --domains mix; pass --domains mix too, or list the "
+                        "Austen files yourself (--domains austen=a.txt,b.txt;...)")
+    domains: dict[str, list[str]] = {}
+    for entry in (e.strip() for e in spec.split(";")):
+        if not entry:
+            continue
+        name, sep, files = entry.partition("=")
+        name = name.strip()
+        if not sep or not _DOMAIN_NAME.match(name):
+            raise EvalError(f"--domains entry {entry!r} is not NAME=FILES (a name of letters, digits, '_', '-', '.'; "
+                            "files comma-separated; entries separated by ';'), nor 'mix'")
+        if name in domains:
+            raise EvalError(f"domain {name} is listed twice in --domains; list each once")
+        paths = [f.strip() for f in files.split(",") if f.strip()]
+        if not paths:
+            raise EvalError(f"domain {name} of --domains lists no file: {name}=FILE[,FILE...]")
+        domains[name] = paths
+    if not domains:
+        raise EvalError("--domains is empty: pass NAME=FILES[;NAME=FILES...] or 'mix'")
+    return domains
 
 
 def default_heldout_files() -> list[str]:
@@ -749,6 +793,12 @@ def evaluate_model(model_dir: str | Path, settings: EvalSettings = EvalSettings(
     documents = read_text_files(data) if settings.cloze_items > 0 and cloze is None else None
     if settings.ppl_blocks >= 0 and blocks is None:
         _check_data(data)
+    if settings.domains:
+        if settings.ppl_blocks < 0:
+            raise EvalError("--domains reports held-out perplexity per domain, which --ppl_blocks -1 skips; "
+                            "pass --ppl_blocks 0 (all blocks) or N")
+        for files in settings.domains.values():
+            _check_data(files)
     tasks, dense = [], None
     if settings.tasks:
         from dotmoe_ds import benchmarks
@@ -779,6 +829,18 @@ def evaluate_model(model_dir: str | Path, settings: EvalSettings = EvalSettings(
         ppl = perplexity(model, blocks, batch_size=settings.batch_size, max_blocks=settings.ppl_blocks)
         result["perplexity"] = {**ppl.to_dict(), "seq_len": int(blocks.shape[1]),
                                 "seconds": time.perf_counter() - start}
+    if settings.domains:
+        # Each domain packed and scored alone, exactly as `--data` with its files would be.
+        by_domain = {}
+        for name, files in settings.domains.items():
+            start = time.perf_counter()
+            domain_blocks = heldout_blocks(tokenizer, files, seq_len=settings.seq_len,
+                                           model_max_length=getattr(model.config, "max_position_embeddings", None))
+            ppl = perplexity(model, domain_blocks, batch_size=settings.batch_size, max_blocks=settings.ppl_blocks)
+            by_domain[name] = {"perplexity": ppl.ppl, "nll": ppl.mean_nll, "tokens": ppl.tokens, "blocks": ppl.blocks,
+                               "seq_len": int(domain_blocks.shape[1]), "files": list(map(str, files)),
+                               "seconds": time.perf_counter() - start}
+        result["perplexity_by_domain"] = by_domain
     if settings.cloze_items > 0:
         config = None
         if cloze is None:
@@ -815,6 +877,8 @@ def format_table(result: dict) -> str:
     if "perplexity" in result:
         p = result["perplexity"]
         rows.append((f"perplexity ({p['blocks']} x {p['seq_len']} tokens)", f"{p['perplexity']:.3f}"))
+    for name, p in result.get("perplexity_by_domain", {}).items():
+        rows.append((f"perplexity {name} ({p['blocks']} x {p['seq_len']} tokens)", f"{p['perplexity']:.3f}"))
     if "cloze" in result:
         c = result["cloze"]
         rows.append((f"cloze accuracy ({c['items']} items)", f"{c['accuracy']:.4f} +- {c['stderr']:.4f}"))
