@@ -329,7 +329,8 @@ def _pct(x: float | None) -> str:
 
 
 def write_table(rows: list[dict], s: Setting, path: Path, eval_info: dict) -> None:
-    domains = sorted({d for r in rows for d in r.get("domain_perplexity", {})})
+    # Austen's held-out domain is the same text and blocks as the "Austen ppl" column: not repeated.
+    domains = sorted({d for r in rows for d in r.get("domain_perplexity", {})} - {"austen"})
     head = ("| run | budget | seed | active / total params | active FFN | Austen ppl | ppl retention | "
             + "".join(f"{d} ppl | " for d in domains)
             + "bench avg | bench retention | above chance | cloze acc | cloze ret. above chance | wall time |")
@@ -410,7 +411,8 @@ def study_data(args: StudyArgs) -> dict[str, str]:
     mix = prepare_mix(data_dir)
     data["calibration"] = ",".join(str(f) for files in mix.calibration.values() for f in files)
     data["domains"] = ";".join(f"{d}=" + ",".join(str(f) for f in files) for d, files in mix.heldout.items())
-    data["text"] = (f"Calibration mix: {mix.describe()}. Austen held-out books: {', '.join(HELDOUT_BOOKS)} "
+    desc = mix.describe()
+    data["text"] = (f"{desc[0].upper()}{desc[1:]}. Austen held-out books: {', '.join(HELDOUT_BOOKS)} "
                     "(never trained on, never used to choose a setting).")
     return data
 
