@@ -29,6 +29,7 @@ from . import layer as layer_lib
 from .export import (DEFAULT_MAX_SHARD_BYTES, FORMAT_VERSION, ExportError, ExportResult, Gather, ParamCounts,
                      PlannedTensor, tensor_shape, export_units, check_output_dir, publish, stream_units)
 from .families import FamilyAdapter
+from .objectives import relative_reconstruction_error
 from .provenance import is_hub_id, portable_command, public_model_name
 from .spec import MoESpec
 
@@ -163,6 +164,10 @@ class PrunedFFN(nn.Module):
         self.register_buffer("keep_mask", torch.ones(self.d_ff, dtype=torch.bool, device=gate_proj.weight.device),
                              persistent=False)
         self.mode = mode
+        # The layer-local reconstruction term, as DotMoEFFN computes it (the study gives every method
+        # the same objective): set by the trainer's AuxLosses, read and cleared by its hook.
+        self.recon = False
+        self.last_recon: Tensor | None = None
 
     @classmethod
     def wrap(cls, layer_idx: int, gate_proj, up_proj, down_proj, act_fn) -> "PrunedFFN":
@@ -201,9 +206,14 @@ class PrunedFFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
-        if self.mode == "hard":
-            h = h * self.keep_mask.to(h.dtype)
-        return self.down_proj(h)
+        if self.mode != "hard":
+            return self.down_proj(h)
+        y = self.down_proj(h * self.keep_mask.to(h.dtype))
+        if self.recon and self.training and torch.is_grad_enabled():
+            with torch.no_grad():   # the target: the dense output of the same input
+                dense = self.down_proj(h)
+            self.last_recon = relative_reconstruction_error(y, dense)
+        return y
 
     @torch.no_grad()
     def materialise(self) -> PrunedWeights:

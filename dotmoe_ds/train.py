@@ -165,14 +165,14 @@ class AuxLosses:
     over layers). The reconstruction error is computed by the layer itself (`DotMoEFFN.recon`, in
     the same forward: one more down projection) when `recon_weight` > 0."""
 
-    def __init__(self, layers: list[DotMoEFFN], lb_weight: float, z_weight: float, grad_accum: int,
+    def __init__(self, layers: list[DotMoEFFN | PrunedFFN], lb_weight: float, z_weight: float, grad_accum: int,
                  recon_weight: float = 0.0):
         self.layers, self.lb_weight, self.z_weight = layers, lb_weight, z_weight
         self.recon_weight = recon_weight
         for layer in layers:
             layer.recon = recon_weight > 0
         # Mean over layers; DeepSpeed divides the main loss by the accumulation steps, so do we.
-        self.scale = 1.0 / (max(len(layers), 1) * grad_accum)   # no layers: a pruned model
+        self.scale = 1.0 / (max(len(layers), 1) * grad_accum)
         self.lb_sum = 0.0
         self.z_sum = 0.0
         self.count = 0
@@ -180,16 +180,18 @@ class AuxLosses:
         self.recon_count = 0
         self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
 
-    def _hook(self, module: DotMoEFFN, args, output):
-        stats = module.last_router_stats
+    def _hook(self, module: DotMoEFFN | PrunedFFN, args, output):
         recon, module.last_recon = module.last_recon, None
-        if not module.training or module.mode == "dense" or stats is None or not torch.is_grad_enabled():
+        if not module.training or module.mode == "dense" or not torch.is_grad_enabled():
             return output
         if recon is not None:
             self.recon_sum += float(recon.detach())
             self.recon_count += 1
             if recon.requires_grad and self.recon_weight > 0:
                 output = _AttachAux.apply(output, recon * (self.recon_weight * self.scale))
+        stats = getattr(module, "last_router_stats", None)    # a pruned layer has no router
+        if stats is None:
+            return output
         module.last_router_stats = stats.__class__(   # keep only detached values for the monitor
             load_balance=stats.load_balance.detach(), z_loss=stats.z_loss.detach(), load=stats.load,
             entropy=stats.entropy)
@@ -711,7 +713,8 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
     set_plan_fn(model, plan_fn)
     say(plan_msg)
     groups = select_trainable(model, layers, cfg, float(ds["optimizer"]["params"]["lr"]))
-    aux = AuxLosses(moe_layers, cfg.objective.lb_weight, cfg.objective.z_weight, cfg.data.grad_accum,
+    # A pruned model's layers get the reconstruction term too (no router: no load balance, no z-loss).
+    aux = AuxLosses(moe_layers or layers, cfg.objective.lb_weight, cfg.objective.z_weight, cfg.data.grad_accum,
                     cfg.objective.recon_weight)
     if not groups:   # nothing trains (--method prune --trainable assignment): no optimizer, no steps
         ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}

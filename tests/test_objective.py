@@ -137,3 +137,42 @@ def test_gradient_reaches_scores_and_router_through_the_layer_output():
     assert aux.recon_count == 1 and hooked.last_recon is None
     assert aux.take_recon() > 0
     aux.remove()
+
+
+def test_pruned_layers_get_the_same_term():
+    """--method prune trains under the same objective: each pruned layer's term equals the relative
+    error of its masked output against its dense output (independent computation), it is 0 when
+    every neuron is kept, and its gradient reaches the kept weights only."""
+    from dotmoe_ds.baselines import PrunedFFN
+
+    model = tiny_model("llama", seed=0).float().train()
+    layers = adapter_for(model.config).swap_in(model, PrunedFFN.wrap)
+    aux = train.AuxLosses(layers, lb_weight=0.01, z_weight=0.0, grad_accum=1, recon_weight=1.0)
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    inputs = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: inputs.append(a[0].detach())) for layer in layers]
+    model(input_ids=ids)                                   # every neuron kept: the dense FFN
+    assert aux.recon_count == len(layers) and aux.take_recon() < 1e-10
+    kept = [torch.randperm(layer.d_ff, generator=torch.Generator().manual_seed(i))[:layer.d_ff // 2]
+            for i, layer in enumerate(layers)]
+    for layer, k in zip(layers, kept):
+        layer.set_kept(k)
+    inputs.clear()
+    out = model(input_ids=ids)
+    expected = []
+    for layer, x in zip(layers, inputs):
+        with torch.no_grad():
+            h = F.silu(layer.gate_proj(x)) * layer.up_proj(x)
+            dense = layer.down_proj(h)
+            masked = layer.down_proj(h * layer.keep_mask.float())
+        expected.append(((masked - dense).pow(2).sum(-1) / dense.pow(2).sum(-1)).mean())
+    assert aux.take_recon() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    for h in hooks:
+        h.remove()
+    # The term alone (zero logits loss) moves the kept neurons' weights, never the dropped ones'.
+    model.zero_grad()
+    (out.logits * 0).sum().backward()
+    g = layers[0].gate_proj.weight.grad
+    dropped = ~layers[0].keep_mask
+    assert g[layers[0].keep_mask].abs().sum() > 0 and g[dropped].abs().sum() == 0
+    assert aux.take() == (0.0, 0.0)                        # no router: no load balance, no z-loss
