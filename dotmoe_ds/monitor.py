@@ -202,3 +202,35 @@ class Throughput:
         r = self.tokens / max(now - self.start, 1e-9)
         self.tokens, self.start = 0, now
         return r
+
+
+TRACE_TAGS = ("loss/", "assign/flips", "assign/moved", "assign/plan_entropy", "assign/scores_lr")
+
+
+def events_dir(run: str | Path) -> Path:
+    """The TensorBoard folder of a run folder (OUTPUT/tensorboard/dotmoe), or `run` itself."""
+    run = Path(run)
+    return run / "tensorboard" / "dotmoe" if (run / "tensorboard" / "dotmoe").is_dir() else run
+
+
+def read_trace(run: str | Path, prefixes: Sequence[str] = TRACE_TAGS) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of a run's run-level scalars whose tag starts with one of `prefixes`
+    (per-layer tags left out), read back from its TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events_dir(run)), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["scalars"] if any(t.startswith(p) for p in prefixes) and "/layer" not in t]
+    return {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags}
+
+
+def format_trace(trace: dict[str, dict[int, float]], every: int = 5) -> str:
+    """The trace as a text table: every `every`-th logged step and the last."""
+    every = max(int(every), 1)
+    steps = sorted({s for v in trace.values() for s in v})
+    shown = steps[::every] + ([steps[-1]] if steps and (len(steps) - 1) % every else [])
+    lines = ["step " + " ".join(t.split("/", 1)[-1][:12].rjust(12) for t in trace)]
+    for s in shown:
+        lines.append(f"{s:4d} " + " ".join(f"{v[s]:12.4f}" if s in v else " " * 12 for v in trace.values()))
+    return "\n".join(lines)
+

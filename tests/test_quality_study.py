@@ -136,7 +136,30 @@ def test_interrupted_unit_resumes_exactly_and_finished_units_are_not_redone(stud
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
+    trace = (unit / "trace.txt").read_text().splitlines()
+    assert "recon" in trace[0] and "flips" in trace[0] and trace[-1].split()[0] == "4"
     # Finished: a third invocation starts nothing.
     monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: pytest.fail(f"a finished run was redone: {a}"))
     assert study.main([*common, "--output", str(b)]) == 0
     shutil.rmtree(tmp_path / "a")
+
+
+def test_trace_table_round_trips_tensorboard_events(tmp_path):
+    """monitor.read_trace reads back what a SummaryWriter wrote; format_trace shows every N-th step
+    and always the last."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dotmoe_ds.monitor import format_trace, read_trace
+
+    events = tmp_path / "tensorboard" / "dotmoe"
+    w = SummaryWriter(str(events))
+    for step in range(1, 8):
+        w.add_scalar("loss/total", 10.0 / step, step)
+        w.add_scalar("assign/flips", float(step % 3), step)
+        w.add_scalar("assign/flips/layer0", 99.0, step)        # per-layer: left out
+    w.close()
+    trace = read_trace(tmp_path)
+    assert set(trace) == {"loss/total", "assign/flips"} and trace["loss/total"][4] == pytest.approx(2.5)
+    lines = format_trace(trace, every=3).splitlines()
+    assert [int(ln.split()[0]) for ln in lines[1:]] == [1, 4, 7]
+    assert lines[0].split()[1:] == ["total", "flips"] or lines[0].split()[1:] == ["flips", "total"]

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from dotmoe_ds.baselines import describe_methods  # noqa: E402  (the registry of methods and ablations)
 from dotmoe_ds.checkpoint import EXIT_REQUEUE, checkpoint_dir, resume_candidates  # noqa: E402
+from dotmoe_ds.monitor import format_trace, read_trace  # noqa: E402
 
 CALIBRATION_BOOKS = ("sensesensibility.txt", "prideprejudice.txt", "mansfieldpark.txt", "emma.txt")
 HELDOUT_BOOKS = ("persuasion.txt", "northangerabbey.txt")
@@ -229,6 +230,8 @@ def train(run: Run, args: StudyArgs, s: Setting, data: dict[str, str], out: Path
     if rc == EXIT_REQUEUE:
         raise Interrupted(f"{run.name} stopped with a checkpoint after {seconds:.0f} s; run the study again to go on")
     print(f"  trained {run.name} in {seconds:.0f} s", flush=True)
+    # The loss terms and the assignment's flips, readable without the TensorBoard events (not committed).
+    (out / "trace.txt").write_text(format_trace(read_trace(out), every=10) + "\n")
     if not args.keep_checkpoints:
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     return json.loads(res_file.read_text())
