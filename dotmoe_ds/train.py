@@ -626,8 +626,10 @@ def results_table(res: dict) -> str:
     if res.get("pruned"):
         name = f"pruned dense ({res['pruned']['kept_neurons']} of {spec['d_ff']} neurons)"
         active = res["pruned"]["active_fraction"]
+    # With --trainable ffn/all the dense mode runs the trained weights, not the original model.
+    dense_name = "dense (trained weights, every neuron)" if res.get("dense_weights") == "trained" else "dense"
     rows = [("model", "held-out ppl", "mean NLL", "active FFN"),
-            ("dense", f"{dense['perplexity']:.2f}", f"{dense['mean_nll']:.4f}", "100%"),
+            (dense_name, f"{dense['perplexity']:.2f}", f"{dense['mean_nll']:.4f}", "100%"),
             (name, f"{conv['perplexity']:.2f}", f"{conv['mean_nll']:.4f}", f"{active:.0%}")]
     width = [max(len(r[c]) for r in rows) for c in range(4)]
     lines = ["  ".join(cell.ljust(width[c]) if c == 0 else cell.rjust(width[c]) for c, cell in enumerate(r))
@@ -667,6 +669,9 @@ def finish(engine, layers, plan: Plan, packed: PackedData, state: LoopState, mon
     res = {"method": cfg.moe.method, "model": cfg.model.model, "steps": state.step,
            "world_size": dist.world_size(), "budget": plan.spec.to_dict(),
            "dense": dense.to_dict(), "converted": converted.to_dict(),
+           # what "dense" ran: the original weights, or the trained ones with every neuron active
+           # (the original model's numbers then come from `dotmoe eval` of --model)
+           "dense_weights": "original" if cfg.objective.trainable == "assignment" else "trained",
            "retention": dense.ppl / converted.ppl,
            "final_train_loss": state.last_loss if state.losses else None,   # None: nothing was trained
            "export": export_info, "wall_seconds": time.perf_counter() - wall_start}

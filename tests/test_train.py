@@ -170,7 +170,10 @@ def test_results_table_mentions_both_models():
            "converted": {"perplexity": 48.8, "mean_nll": math.log(48.8), "tokens": 1000}, "retention": 0.75}
     table = train.results_table(res)
     assert "dense" in table and "36.60" in table and "48.80" in table and "75.0%" in table
-    assert "E=4, k=2" in table and "50%" in table
+    assert "E=4, k=2" in table and "50%" in table and "trained weights" not in table
+    # With the FFN weights trained, the dense row says it ran them, not the original model.
+    trained = train.results_table({**res, "dense_weights": "trained"}).splitlines()
+    assert trained[2].startswith("dense (trained weights, every neuron)") and trained[2].split()[-3] == "36.60"
 
 
 # ---------------------------------------------------------------------- output folder states
