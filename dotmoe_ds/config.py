@@ -387,8 +387,8 @@ def validate(cfg: RunConfig) -> None:
                         ("calib_tokens", m.calib_tokens)):
         if value < 1:
             raise ConfigError(f"--{name} must be at least 1, got {value}")
-    for name, value in (("checkpoint_every", c.checkpoint_every), ("stop_at_step", c.stop_at_step), ("eval_blocks", e.eval_blocks),
-                        ("threads", t.threads)):
+    for name, value in (("checkpoint_every", c.checkpoint_every), ("stop_at_step", c.stop_at_step),
+                        ("eval_blocks", e.eval_blocks), ("threads", t.threads)):
         if value < 0:
             raise ConfigError(f"--{name} must be >= 0, got {value}")
     if c.keep_checkpoints < 1:

@@ -162,8 +162,9 @@ class _AttachAux(torch.autograd.Function):
 class AuxLosses:
     """Forward hooks adding each layer's load-balance, z-loss and (with `recon_weight` > 0) its
     relative reconstruction error to the backward pass, and summing their values for logging (mean
-    over layers). The reconstruction error is computed by the layer itself (`DotMoEFFN.recon`, in
-    the same forward: one more down projection) when `recon_weight` > 0."""
+    over layers). The reconstruction error is computed by the layer itself (`DotMoEFFN.recon`,
+    `PrunedFFN.recon`, in the same forward: one more down projection) when `recon_weight` > 0; a
+    pruned layer has no router, so no load balance or z-loss."""
 
     def __init__(self, layers: list[DotMoEFFN | PrunedFFN], lb_weight: float, z_weight: float, grad_accum: int,
                  recon_weight: float = 0.0):
