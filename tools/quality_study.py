@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from dotmoe_ds.baselines import describe_methods  # noqa: E402  (the registry of methods and ablations)
 from dotmoe_ds.checkpoint import EXIT_REQUEUE, checkpoint_dir, resume_candidates  # noqa: E402
+from dotmoe_ds.corpora import AUSTEN_CALIBRATION as CALIBRATION_BOOKS  # noqa: E402
+from dotmoe_ds.corpora import AUSTEN_HELDOUT as HELDOUT_BOOKS, prepare_mix  # noqa: E402
 from dotmoe_ds.monitor import format_trace, read_trace  # noqa: E402
 
-CALIBRATION_BOOKS = ("sensesensibility.txt", "prideprejudice.txt", "mansfieldpark.txt", "emma.txt")
-HELDOUT_BOOKS = ("persuasion.txt", "northangerabbey.txt")
 BENCHMARK_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada")
 # Accuracy of guessing uniformly among the choices (ARC: nearly every item has 4; BoolQ's majority
 # class is ~62%, but chance is what "above chance" measures against); LAMBADA is open-vocabulary.
@@ -332,7 +332,7 @@ def _pct(x: float | None) -> str:
 
 
 def write_table(rows: list[dict], s: Setting, path: Path, eval_info: dict) -> None:
-    # Austen's held-out domain is the same text and blocks as the "Austen ppl" column: not repeated.
+    # Austen's held-out domain (in domains.json of units before it was left out) is the "Austen ppl" column.
     domains = sorted({d for r in rows for d in r.get("domain_perplexity", {})} - {"austen"})
     head = ("| run | budget | seed | active / total params | active FFN | Austen ppl | ppl retention | "
             + "".join(f"{d} ppl | " for d in domains)
@@ -409,11 +409,11 @@ def study_data(args: StudyArgs) -> dict[str, str]:
         return data
     if args.calibration != "mix":
         raise SystemExit(f"quality study: --calibration must be mix or austen, got {args.calibration!r}")
-    from dotmoe_ds.corpora import prepare_mix
-
     mix = prepare_mix(data_dir)
     data["calibration"] = ",".join(str(f) for files in mix.calibration.values() for f in files)
-    data["domains"] = ";".join(f"{d}=" + ",".join(str(f) for f in files) for d, files in mix.heldout.items())
+    # Austen's held-out books are eval.json's perplexity already (same text, same blocks): not scored twice.
+    data["domains"] = ";".join(f"{d}=" + ",".join(str(f) for f in files) for d, files in mix.heldout.items()
+                               if d != "austen")
     desc = mix.describe()
     data["text"] = (f"{desc[0].upper()}{desc[1:]}. Austen held-out books: {', '.join(HELDOUT_BOOKS)} "
                     "(never trained on, never used to choose a setting).")
