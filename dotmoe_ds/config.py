@@ -79,9 +79,10 @@ class DataArgs:
 class MoEArgs:
     recipe: str = DEFAULT_RECIPE
     """measured flag values applied under the command line (dotmoe_ds/recipes.py): dot50 (the quality
-    study's 50%-active DOT-MoE: a shared expert of a third of d_ff + 16 experts, top-4; routers and FFN
-    weights trained with distillation + reconstruction; its budget only when no budget flag is given,
-    its other flags each unless given) or none (the plain defaults listed here)"""
+    study's best 50%-active conversion: a shared expert of a third of d_ff + 16 experts, top-4, the
+    co-activation partition kept; routers and FFN weights trained with distillation + reconstruction;
+    its budget only when no budget flag is given, its other flags each unless given) or none (the
+    plain defaults listed here)"""
     num_experts: int = 8
     """routed experts per layer"""
     top_k: int = 4

@@ -17,7 +17,7 @@ def test_no_flags_get_the_dot50_recipe():
     assert cfg.moe.recipe == "dot50"
     assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.shared_fraction, cfg.moe.shared_neurons) == (16, 4, 1 / 3, 0)
     o = cfg.objective
-    assert (o.trainable, o.kd_weight, o.recon_weight, o.scores_lr_scale, cfg.moe.beta) == ("ffn", 1.0, 1.0, 30.0, 1.0)
+    assert (o.trainable, o.kd_weight, o.recon_weight, o.scores_lr_scale, cfg.moe.beta) == ("ffn", 1.0, 1.0, 0.0, 1.0)
     assert cfg.partition == "coactivation"      # DOT with a shared expert starts from co-activation
 
 
