@@ -6,9 +6,11 @@ the command line into flags; `parse_args` maps each flag onto its field, convert
 type, and refuses unknown flags by name (with the closest known flag as a hint). The resolved
 configuration is written to OUTPUT/config.json by the trainer.
 
-Defaults are the embedded demo: SmolLM2-135M (the demo alias of `demo.py`) on the shipped Austen
-excerpt, 8 experts with 4 active (50% of the FFN), sized to finish on 2 CPU cores in about 10
-minutes including the dense and converted held-out perplexity.
+Under the command line lies a recipe (`--recipe`, `recipes.py`): the measured way to convert, which
+fills in the flags the command line leaves out; the dataclass defaults are the plain values without
+one. With no flags at all: the embedded demo, SmolLM2-135M (the demo alias of `demo.py`) on the shipped
+Austen excerpt with the dot50 recipe, sized to finish on 2 CPU cores in about 10 minutes including the
+dense and converted held-out perplexity.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
+
+from dotmoe_ds.recipes import DEFAULT_RECIPE, RECIPES, describe, recipe_flags
 
 DEMO = "demo"
 METHODS = ("dot", "random", "cluster", "prune")
@@ -73,6 +77,12 @@ class DataArgs:
 
 @dataclass
 class MoEArgs:
+    recipe: str = DEFAULT_RECIPE
+    """measured flag values applied under the command line (dotmoe_ds/recipes.py): dot50 (the quality
+    study's best 50%-active conversion: a shared expert of a third of d_ff + 16 experts, top-4, the
+    co-activation partition kept; routers and FFN weights trained with distillation + reconstruction;
+    its budget only when no budget flag is given, its other flags each unless given) or none (the
+    plain defaults listed here)"""
     num_experts: int = 8
     """routed experts per layer"""
     top_k: int = 4
@@ -80,6 +90,10 @@ class MoEArgs:
     shared_neurons: int = 0
     """neurons of an always-active shared expert (llama, mistral, qwen2; Llama/Mistral then export to
     Qwen2-MoE); 0: none"""
+    shared_fraction: float = 0.0
+    """the shared expert as a share of d_ff, rounded so the routed experts are equal; where the family
+    cannot export a shared expert, its neurons are routed and top_k grows to keep the active share
+    (a notice says so); resolved to --shared_neurons in config.json; 0: use --shared_neurons"""
     expert_size: int = 0
     """neurons per routed expert: sets --num_experts to (d_ff - shared_neurons) / expert_size, exactly or
     refused with the nearest exact sizes; 0: use --num_experts"""
@@ -168,8 +182,8 @@ class TrainArgs:
     """convert: dense model -> DOT-MoE (the default); recover: continue training an exported MoE
     (--model OUTPUT/model of a conversion) with DeepSpeed expert parallelism (see --ep_size);
     --trainable then means: assignment = routers only, ffn = routers + experts, all = everything"""
-    steps: int = 40
-    """optimizer steps"""
+    steps: int = 20
+    """optimizer steps (20: the demo's ~10 minutes on 2 CPU cores; a real conversion wants hundreds)"""
     seed: int = 0
     """seeds the partition, the data order and every random number generator"""
     deepspeed: str = ""
@@ -248,7 +262,7 @@ class RunConfig:
         # DOT starts next to pruning (see partition.importance_partition); the baselines keep the
         # partition METHOD.md section 7 names. With a shared expert, DOT starts from the measured best
         # (anchors): the most important neurons shared, the rest clustered by co-activation.
-        if self.moe.method == "dot" and self.moe.shared_neurons > 0:
+        if self.moe.method == "dot" and (self.moe.shared_neurons > 0 or self.moe.shared_fraction > 0):
             return "coactivation"
         return {"random": "random", "cluster": "kmeans"}.get(self.moe.method, "importance")
 
@@ -330,13 +344,19 @@ def _unknown_flag(name: str) -> ConfigError:
 
 
 def from_flags(flags: dict[str, Any]) -> RunConfig:
-    """A RunConfig from {flag: value}; unknown flags and unconvertible values are ConfigErrors."""
+    """A RunConfig from {flag: value} over the recipe's values (--recipe, dotmoe_ds/recipes.py); unknown
+    flags and unconvertible values are ConfigErrors."""
     cfg = RunConfig()
+    given = {}
     for raw_name, value in flags.items():
         name = raw_name.replace("-", "_")
         if name not in _FLAG_SECTION:
             raise _unknown_flag(raw_name)
-        setattr(getattr(cfg, _FLAG_SECTION[name]), name, _convert(name, value))
+        given[name] = _convert(name, value)
+    recipe = given.get("recipe", DEFAULT_RECIPE)
+    _choice("recipe", recipe, tuple(RECIPES))
+    for name, value in {**recipe_flags(given, RECIPES[recipe]), **given}.items():
+        setattr(getattr(cfg, _FLAG_SECTION[name]), name, value)
     validate(cfg)
     return cfg
 
@@ -350,6 +370,7 @@ def validate(cfg: RunConfig) -> None:
     """Checks that need nothing but the values themselves (the model- and data-dependent ones are
     in the trainer's preflight)."""
     m, o, t, d, c, e = cfg.moe, cfg.objective, cfg.train, cfg.data, cfg.checkpoint, cfg.eval
+    _choice("recipe", m.recipe, tuple(RECIPES))
     _choice("method", m.method, METHODS)
     _choice("partition", m.partition, PARTITIONS)
     _choice("router_init", m.router_init, ROUTER_INITS)
@@ -381,6 +402,10 @@ def validate(cfg: RunConfig) -> None:
                           "(k > E selects experts that do not exist); lower --top_k or raise --num_experts")
     if m.shared_neurons < 0:
         raise ConfigError(f"--shared_neurons must be >= 0, got {m.shared_neurons}")
+    if not 0.0 <= m.shared_fraction < 1.0:
+        raise ConfigError(f"--shared_fraction must be in [0, 1) (0: use --shared_neurons), got {m.shared_fraction}")
+    if m.shared_fraction and m.shared_neurons:
+        raise ConfigError("--shared_neurons and --shared_fraction both size the shared expert; give one of them")
     for name, value in (("steps", t.steps), ("seq_len", d.seq_len), ("batch_size", d.batch_size),
                         ("grad_accum", d.grad_accum), ("log_every", t.log_every),
                         ("eval_batch_size", e.eval_batch_size), ("sinkhorn_iters", m.sinkhorn_iters),
@@ -429,7 +454,10 @@ def help_text(prog: str = "dotmoe train") -> str:
     lines = [f"usage: {prog} [--flag value ...]", "",
              "Convert a dense SwiGLU LLM into a Mixture-of-Experts with DOT-MoE, trained with DeepSpeed.",
              "With no flags: the embedded demo (SmolLM2-135M on the shipped Austen excerpt).",
-             "Multi-process: deepspeed [--num_gpus N] dotmoe_ds/train.py --deepspeed ds_configs/z3.json ..."]
+             "Multi-process: deepspeed [--num_gpus N] dotmoe_ds/train.py --deepspeed ds_configs/z3.json ...",
+             "Recipes (--recipe) fill in the flags a command line leaves out (a budget only when no budget",
+             "flag is given; the defaults below are the plain ones, without a recipe):",
+             *[f"  {describe(r)}" for r in RECIPES.values()]]
     for section, cls in _sections().items():
         lines += ["", f"{section}:"]
         for f in fields(cls):

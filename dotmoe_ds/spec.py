@@ -205,6 +205,24 @@ def resolve_budget(d_ff: int, *, num_experts: int, top_k: int, shared: int = 0, 
     return MoESpec.uniform(d_ff, num_experts, top_k=top_k, shared=shared)
 
 
+def shared_from_fraction(d_ff: int, fraction: float, routed_multiple: int) -> int:
+    """Shared-expert neurons nearest `fraction` of d_ff that leave the routed neurons a (positive)
+    multiple of `routed_multiple` (the number of equal experts, or the expert size)."""
+    if not 0 <= fraction < 1:
+        raise SpecError(f"--shared_fraction must be in [0, 1), got {fraction}")
+    if routed_multiple < 1 or routed_multiple > d_ff:
+        raise SpecError(f"cannot split d_ff={d_ff} into routed experts of a multiple of {routed_multiple} neurons")
+    routed = routed_multiple * max(1, round((1 - fraction) * d_ff / routed_multiple))
+    return d_ff - min(routed, d_ff // routed_multiple * routed_multiple)
+
+
+def routed_instead_of_shared(spec: MoESpec) -> MoESpec:
+    """The same number of experts over all of d_ff, no shared expert, with the top-k nearest the
+    spec's active share: for a family whose export has no shared expert."""
+    k = min(spec.num_experts, max(1, round(spec.active_fraction * spec.num_experts)))
+    return MoESpec.uniform(spec.d_ff, spec.num_experts, top_k=k)
+
+
 def describe_budget(spec: MoESpec) -> str:
     """One line: '512 shared + 16 x 64, top-4: 768 of 1536 neurons active (50.0%)'."""
     caps = spec.capacities

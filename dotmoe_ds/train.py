@@ -61,7 +61,8 @@ from dotmoe_ds.monitor import Monitor, RouterAccumulator, Throughput, assignment
 from dotmoe_ds import partition as partition_lib
 from dotmoe_ds.score_optim import ScoreOptimizer, ScoreSchedule, count_flips
 from dotmoe_ds.sharded_sinkhorn import broadcast_from_owners, select_plan_fn
-from dotmoe_ds.spec import MoESpec, SpecError, describe_budget, resolve_budget
+from dotmoe_ds.spec import (MoESpec, SpecError, describe_budget, resolve_budget, routed_instead_of_shared,
+                            shared_from_fraction)
 from dotmoe_ds.runframe import (EXIT_USAGE, PreflightError, check_causal_lm, checked_data_config,
                                 is_main_process, launch, load_data, load_model_config, open_run, output_action,
                                 say, start_or_resume, stop_requested, stopped_exit)
@@ -101,12 +102,36 @@ class Plan:
 
 
 def budget_spec(m, d_ff: int) -> MoESpec:
-    """The exact MoESpec of the budget flags (--num_experts/--top_k/--shared_neurons, or --expert_size,
-    --active_fraction, --capacities); a SpecError naming the nearest exact budgets otherwise."""
+    """The exact MoESpec of the budget flags (--num_experts/--top_k/--shared_neurons or --shared_fraction,
+    or --expert_size, --active_fraction, --capacities); a SpecError naming the nearest exact budgets
+    otherwise."""
     from dotmoe_ds.config import MoEArgs
-    return resolve_budget(d_ff, num_experts=m.num_experts, top_k=m.top_k, shared=m.shared_neurons,
+    shared = m.shared_neurons
+    if m.shared_fraction:
+        if m.capacities:
+            raise SpecError("--capacities lists the routed experts, so the shared expert is what they leave of "
+                            "d_ff: give --shared_neurons, not --shared_fraction")
+        shared = shared_from_fraction(d_ff, m.shared_fraction, m.expert_size or m.num_experts)
+    return resolve_budget(d_ff, num_experts=m.num_experts, top_k=m.top_k, shared=shared,
                           expert_size=m.expert_size, active_fraction=m.active_fraction, capacities=m.capacities,
                           default_num_experts=MoEArgs.num_experts, default_top_k=MoEArgs.top_k)
+
+
+def family_budget(m, hf_config, adapter: FamilyAdapter) -> MoESpec:
+    """budget_spec checked against the family's export. A shared expert asked for as a share of d_ff
+    (--shared_fraction, the recipe's way) that the family cannot export becomes routed neurons, with
+    the top-k that keeps the active share; a shared expert asked for in neurons stays an error."""
+    spec = budget_spec(m, int(hf_config.intermediate_size))
+    if spec.has_shared and m.shared_fraction:
+        try:
+            adapter.validate(hf_config, spec)
+        except FamilyError as err:
+            routed = routed_instead_of_shared(spec)
+            say(f"note: no shared expert for this model ({str(err).split('. ')[0]}); its neurons are routed "
+                f"instead and top_k is {routed.top_k} ({describe_budget(spec)} asked)")
+            spec = routed
+    adapter.validate(hf_config, spec)
+    return spec
 
 
 def preflight(cfg: RunConfig) -> Plan:
@@ -118,10 +143,10 @@ def preflight(cfg: RunConfig) -> Plan:
     hf_config = load_model_config(model_path)
     check_causal_lm(hf_config, cfg.model.model)
     adapter = adapter_for(hf_config)
-    spec = budget_spec(cfg.moe, int(hf_config.intermediate_size))
-    adapter.validate(hf_config, spec)
+    spec = family_budget(cfg.moe, hf_config, adapter)
     # The resolved budget is what config.json records (and what a resumed run is compared against).
     cfg.moe.num_experts, cfg.moe.top_k = spec.num_experts, spec.top_k
+    cfg.moe.shared_neurons, cfg.moe.shared_fraction = spec.shared, 0.0
     say(f"budget: {describe_budget(spec)}")
     action, resume_from = output_action(cfg, world, RESUME_KEYS)
     try:

@@ -156,10 +156,11 @@ def test_registry_names_and_flags_parse_to_the_intended_runs():
     reg = baselines.describe_methods()
     assert list(reg) == ["dot", "random", "cluster", "prune", "dot_no_sinkhorn", "dot_no_routing_ste",
                          "dot_random_init"]
-    expect = {"dot": ("dot", "sinkhorn", True, "importance"), "random": ("random", "sinkhorn", True, "random"),
+    # under the default recipe (a shared expert), DOT and its ablations start from co-activation
+    expect = {"dot": ("dot", "sinkhorn", True, "coactivation"), "random": ("random", "sinkhorn", True, "random"),
               "cluster": ("cluster", "sinkhorn", True, "kmeans"), "prune": ("prune", "sinkhorn", True, "importance"),
-              "dot_no_sinkhorn": ("dot", "softmax", True, "importance"),
-              "dot_no_routing_ste": ("dot", "sinkhorn", False, "importance"),
+              "dot_no_sinkhorn": ("dot", "softmax", True, "coactivation"),
+              "dot_no_routing_ste": ("dot", "sinkhorn", False, "coactivation"),
               "dot_random_init": ("dot", "sinkhorn", True, "random")}
     for name, run in reg.items():
         cfg = parse_args(baselines.method_argv(name))
@@ -229,7 +230,7 @@ def test_trainer_prune_end_to_end(tiny, tmp_path):
 
 def test_trainer_prune_without_training_trains_nothing(tiny, tmp_path):
     out = tmp_path / "run"
-    _train(_argv(tiny, out, "--method", "prune", "--steps", "3"))   # --trainable assignment
+    _train(_argv(tiny, out, "--method", "prune", "--steps", "3", "--trainable", "assignment"))
     res = json.loads((out / "results.json").read_text())
     assert res["steps"] == 0 and res["final_train_loss"] is None and not (out / "checkpoints").exists()
     back = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)

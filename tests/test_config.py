@@ -15,8 +15,11 @@ PUBLIC_FLAGS = ("model", "data", "output", "num_experts", "top_k", "shared_neuro
 def test_defaults_are_the_embedded_demo():
     cfg = parse_args([])
     assert cfg.model.model == "demo" and cfg.data.data == "demo"
-    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.shared_neurons, cfg.moe.method) == (8, 4, 0, "dot")
-    assert cfg.partition == "importance" and cfg.moe.router_init == "lstsq"
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.shared_fraction, cfg.moe.method) == (16, 4, 1 / 3, "dot")
+    assert cfg.partition == "coactivation" and cfg.moe.router_init == "lstsq"     # the dot50 recipe
+    plain = parse_args(["--recipe", "none"])
+    assert (plain.moe.num_experts, plain.moe.top_k, plain.moe.shared_neurons) == (8, 4, 0)
+    assert plain.partition == "importance"
     assert parse_args(["--method", "cluster"]).partition == "kmeans"
     assert parse_args(["--method", "random"]).partition == "random"
     assert not cfg.checkpoint.resume and not cfg.checkpoint.overwrite
