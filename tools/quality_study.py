@@ -164,9 +164,11 @@ def plan_runs(s: Setting) -> list[Run]:
     """Most important first: a study stopped early has the headline comparison complete."""
     head, *more = s.budgets
     seed0, *other_seeds = s.seeds
-    plan = [("dot", head, seed0), ("prune", head, seed0), ("dot_frozen", head, seed0), ("cluster", head, seed0),
-            ("random", head, seed0), ("dot_random_init", head, seed0), ("dot_random_frozen", head, seed0)]
-    plan += [(m, head, seed) for seed in other_seeds for m in ("dot", "dot_frozen", "prune")]
+    plan = [("dot", head, seed0), ("prune", head, seed0), ("dot_frozen", head, seed0), ("cluster", head, seed0)]
+    # The second seed before the other controls: seed 0 left the frozen start ahead of both DOT and
+    # pruning by less than a seed spread could be known (README), and the recipe rests on it.
+    plan += [(m, head, seed) for seed in other_seeds for m in ("dot_frozen", "prune", "dot")]
+    plan += [("random", head, seed0), ("dot_random_init", head, seed0), ("dot_random_frozen", head, seed0)]
     plan += [(m, head, seed0) for m in ("dot_no_sinkhorn", "dot_no_routing_ste")]
     plan += [(m, b, seed0) for b in more for m in ("dot", "prune")]
     runs = [Run("dense", "dense", "")]
