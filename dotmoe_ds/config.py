@@ -104,9 +104,10 @@ class MoEArgs:
     """comma-separated neurons of each routed expert (non-uniform experts); with --shared_neurons they
     must add up to d_ff; empty: equal experts"""
     method: str = "dot"
-    """dot: learn the assignment (Sinkhorn + STE) and the router; random / cluster: a fixed random /
-    balanced k-means partition with the router trained the same way (same budget, METHOD.md 7);
-    prune: structured FFN pruning to the same active fraction, exported as a dense model"""
+    """dot: learn the assignment (Sinkhorn + STE; at --scores_lr_scale 0, as in the dot50 recipe, it
+    stays at its start) and the router; random / cluster: a fixed random / balanced k-means partition
+    with the router trained the same way (same budget, METHOD.md 7); prune: structured FFN pruning to
+    the same active fraction, exported as a dense model"""
     partition: str = "auto"
     """initial partition: random, kmeans (on the neurons' [W_g; W_u] rows), coactivation (on
     calibration activations), importance (neurons sorted by activation-weighted importance fill
