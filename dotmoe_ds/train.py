@@ -122,15 +122,16 @@ def family_budget(m, hf_config, adapter: FamilyAdapter) -> MoESpec:
     (--shared_fraction, the recipe's way) that the family cannot export becomes routed neurons, with
     the top-k that keeps the active share; a shared expert asked for in neurons stays an error."""
     spec = budget_spec(m, int(hf_config.intermediate_size))
-    if spec.has_shared and m.shared_fraction:
-        try:
-            adapter.validate(hf_config, spec)
-        except FamilyError as err:
-            routed = routed_instead_of_shared(spec)
-            say(f"note: no shared expert for this model ({str(err).split('. ')[0]}); its neurons are routed "
-                f"instead and top_k is {routed.top_k} ({describe_budget(spec)} asked)")
-            spec = routed
-    adapter.validate(hf_config, spec)
+    try:
+        adapter.validate(hf_config, spec)
+    except FamilyError as err:
+        if not (spec.has_shared and m.shared_fraction):
+            raise
+        routed = routed_instead_of_shared(spec)
+        say(f"note: no shared expert for this model ({str(err).split('. ')[0]}); its neurons are routed "
+            f"instead and top_k is {routed.top_k} ({describe_budget(spec)} asked)")
+        adapter.validate(hf_config, routed)
+        spec = routed
     return spec
 
 
