@@ -107,7 +107,10 @@ SETTINGS = {
 # its kept weights the same way); routers start from the least-squares fit to each expert's output norm
 # (596 vs 3,934 perplexity for the mean-gate-row init, untrained, calibration text).
 # The study's flags define each run whole: no recipe (dotmoe_ds/recipes.py) underneath them.
-COMMON_FLAGS = {"recipe": "none", "trainable": "ffn", "router_init": "lstsq", "lb_weight": 0.01}
+# Teacher 'trained': the study's first units ran before the frozen original FFN existed (distillation
+# and reconstruction then followed the trained weights); every row keeps that so the rows compare.
+COMMON_FLAGS = {"recipe": "none", "trainable": "ffn", "router_init": "lstsq", "lb_weight": 0.01,
+                "teacher": "trained"}
 # DOT and its ablations: a co-activation start (the default with a shared expert) held with confidence
 # beta 1, the scores' own Adam at 30x the base lr (0.09: a score moves ~lr per step, so the first flips
 # come after ~11 steps), at most 1% of d_ff moved per layer and step, fixed after 75% of the steps.
