@@ -30,6 +30,7 @@ from .export import (DEFAULT_MAX_SHARD_BYTES, FORMAT_VERSION, ExportError, Expor
                      PlannedTensor, tensor_shape, export_units, check_output_dir, publish, stream_units)
 from .families import FamilyAdapter
 from .objectives import relative_reconstruction_error
+from .reference import ReferenceFFN, dense_output
 from .provenance import is_hub_id, portable_command, public_model_name
 from .spec import MoESpec
 
@@ -148,7 +149,8 @@ def slice_swiglu(gate_weight: Tensor, up_weight: Tensor, down_weight: Tensor, ke
 class PrunedFFN(nn.Module):
     """A dense SwiGLU MLP restricted to its kept neurons by a 0/1 mask.
 
-    Modes: 'dense' (the original MLP: the distillation teacher and the dense reference) and 'hard'
+    Modes: 'dense' (the original MLP: the distillation teacher and the dense reference; `reference`
+    when the trainer keeps one, as DotMoEFFN) and 'hard'
     (pruned: `W_d (h(x) * mask)`, equal to the sliced MLP of `materialise()` to float precision).
     Until `set_kept` is called every neuron is kept, so the calibration forward is the dense model.
     The mask is a buffer (not trained, not ZeRO-partitioned); the trainer checkpoints it explicitly.
@@ -168,6 +170,7 @@ class PrunedFFN(nn.Module):
         # the same objective): set by the trainer's AuxLosses, read and cleared by its hook.
         self.recon = False
         self.last_recon: Tensor | None = None
+        self.reference: ReferenceFFN | None = None   # as DotMoEFFN.reference (the frozen original MLP)
 
     @classmethod
     def wrap(cls, layer_idx: int, gate_proj, up_proj, down_proj, act_fn) -> "PrunedFFN":
@@ -205,13 +208,13 @@ class PrunedFFN(nn.Module):
         self.keep_mask[kept.to(self.keep_mask.device)] = True
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
         if self.mode != "hard":
-            return self.down_proj(h)
+            return dense_output(self, x)
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
         y = self.down_proj(h * self.keep_mask.to(h.dtype))
         if self.recon and self.training and torch.is_grad_enabled():
             with torch.no_grad():   # the target: the dense output of the same input
-                dense = self.down_proj(h)
+                dense = dense_output(self, x, h)
             self.last_recon = relative_reconstruction_error(y, dense)
         return y
 

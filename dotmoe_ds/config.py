@@ -29,6 +29,7 @@ METHODS = ("dot", "random", "cluster", "prune")
 PARTITIONS = ("auto", "random", "kmeans", "coactivation", "importance")
 ROUTER_INITS = ("gate_mean", "lstsq", "zero")
 TRAINABLE = ("assignment", "ffn", "all")
+TEACHERS = ("original", "trained")
 TAU_SCHEDULES = ("cosine", "linear", "constant")
 PHASES = ("convert", "recover")
 
@@ -175,6 +176,12 @@ class ObjectiveArgs:
     max_flip_frac: float = 0.01
     """at most max(E', this share of d_ff) neurons of a layer may change expert per step (whole cycles
     of the moves the gradient wants most); 0: no bound. 0.01 measured better than no bound (README)"""
+    teacher: str = "original"
+    """what the distillation teacher and the reconstruction target run when the FFN weights train
+    (--trainable ffn/all): original = a frozen copy of the dense FFN weights (reference.py; one more
+    copy of the FFN weights, no optimizer state); trained = the weights being trained, every neuron
+    active (they drift with the student; the behaviour before this flag). With --trainable all the
+    attention and embeddings of the teacher are the trained ones either way"""
 
 
 @dataclass
@@ -253,6 +260,8 @@ class RunConfig:
     def load(cls, path: str | Path) -> "RunConfig":
         raw = json.loads(Path(path).read_text())
         flat = {k: v for section in raw.values() if isinstance(section, dict) for k, v in section.items()}
+        # Written before --teacher existed: the teacher then was the trained weights.
+        flat.setdefault("teacher", "trained")
         return from_flags(flat)
 
     # ------------------------------------------------------------------ derived values
@@ -378,6 +387,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("assigner", m.assigner, ("sinkhorn", "softmax"))
     _choice("sinkhorn_mode", m.sinkhorn_mode, ("auto", "sharded", "replicated"))
     _choice("trainable", o.trainable, TRAINABLE)
+    _choice("teacher", o.teacher, TEACHERS)
     _choice("phase", t.phase, PHASES)
     if m.ep_size < 0:
         raise ConfigError(f"--ep_size must be >= 0 (0: the DeepSpeed config's autoep_size), got {m.ep_size}")

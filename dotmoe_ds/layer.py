@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .objectives import relative_reconstruction_error
+from .reference import ReferenceFFN, dense_output
 from .sinkhorn import (DEFAULT_REFINE_ROUNDS, DEFAULT_TOL, assign_by_score, one_hot_assignment,
                        sinkhorn, ste_assignment)
 from .spec import MoESpec
@@ -57,7 +58,8 @@ class DotMoEFFN(nn.Module):
     """A dense SwiGLU MLP seen as a DOT-MoE: learnable neuron-to-expert plan plus token router.
 
     Modes:
-      dense  the original MLP (the distillation teacher, and the reference);
+      dense  the original MLP (the distillation teacher, and the reference): `reference` when the
+             trainer keeps one (the FFN weights train), else the layer's own weights;
       soft   the soft Sinkhorn plan as assignment (for analysis);
       ste    training: hard assignment forward, soft plan's gradient backward;
       hard   evaluation/export: hard assignment and hard routing, equal to the materialised MoE.
@@ -68,7 +70,8 @@ class DotMoEFFN(nn.Module):
 
     Two switches the trainer sets (both off by default):
       recon         in training, also compute the dense output of the same input (one more down
-                    projection, no gradient) and keep the relative reconstruction error of the
+                    projection, no gradient; a whole frozen FFN with `reference`) and keep the
+                    relative reconstruction error of the
                     layer's output in `last_recon` (objectives.relative_reconstruction_error);
       learn_scores  the scores' gradient is collected into `score_grad` (fp32, summed over the
                     backward passes) instead of `scores.grad`, for an optimizer outside the
@@ -124,6 +127,9 @@ class DotMoEFFN(nn.Module):
         self.last_router_stats: RouterStats | None = None
         self.recon = False
         self.last_recon: Tensor | None = None      # relative reconstruction error of the last forward
+        # The original weights, frozen (reference.py), set by the trainer when the FFN weights train:
+        # then 'dense' mode and the reconstruction target are the dense model, not the trained weights.
+        self.reference: ReferenceFFN | None = None
         self.learn_scores = False
         self.score_grad: Tensor | None = None      # collected gradient of the scores (learn_scores)
         self.last_assignment: Tensor | None = None   # hard assignment of the last forward (monitoring)
@@ -238,9 +244,9 @@ class DotMoEFFN(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
         if self.mode == "dense":
-            return self.down_proj(h)
+            return dense_output(self, x)
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
         g = self.gates(x)
         if self.spec.has_shared:
             g = torch.cat([g, torch.ones_like(g[..., :1])], dim=-1)
@@ -252,7 +258,7 @@ class DotMoEFFN(nn.Module):
         y = self.down_proj(h * mask.to(h.dtype))
         if self.recon and self.training and torch.is_grad_enabled():
             with torch.no_grad():   # the target: the dense output of the same input
-                dense = self.down_proj(h)
+                dense = dense_output(self, x, h)
             self.last_recon = relative_reconstruction_error(y, dense)
         return y
 

@@ -15,6 +15,9 @@ x seq_len tokens; d hidden, f d_ff, V vocab, L layers, E' score columns = E (+1 
   model weights       a x params / W under ZeRO-3 (0 with offload_param), else a x params. Tensors
                       below stage3_param_persistence_threshold stay whole on every rank.
   DOT-MoE params      scores [f, E'] fp32 and router [E, d] per layer, sharded the same way.
+  frozen FFN copy     when the FFN weights train and teacher='original' (the trainer's default
+                      --teacher): a x 3 d f per layer, sharded like the weights, part of the layer's
+                      gathered unit; no gradient, no optimiser state (dotmoe_ds/reference.py).
   gathered params     ZeRO-3 gathers a whole module before using it; the DOT-MoE FFN is one leaf, and
                       the embedding / LM head are one tensor each. a x (max(largest unit,
                       stage3_max_live_parameters) + stage3_prefetch_bucket_size), at most the whole
@@ -57,6 +60,7 @@ from dotmoe_ds.spec import MoESpec, SpecError  # noqa: E402  (pure Python, no to
 GiB = 1024 ** 3
 EXIT_FITS, EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT = 0, 2, 3
 TRAINABLE = ("assignment", "ffn", "all")
+TEACHERS = ("original", "trained")
 PHASES = ("convert", "recover")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -396,11 +400,14 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
                 top_k: int = 2, shared_neurons: int = 0, seq_len: int = 4096, micro_batch: int | None = None,
                 activation_checkpointing: bool = True, distillation: bool = False,
                 trainable: str = "assignment", phase: str = "convert", margin: float = 0.1,
-                runtime_gb: float | None = None, device: str = "gpu") -> MemoryPlan:
+                runtime_gb: float | None = None, device: str = "gpu", teacher: str = "original") -> MemoryPlan:
     """Per-GPU memory of a DOT-MoE conversion ('convert') or of an exported MoE's recovery training
     ('recover', expert-parallel). `gpu_memory_gb` is GiB per rank; `trainable` is 'assignment'
-    (scores + router, the default), 'ffn' (also the FFN weights) or 'all'. Raises PlanError for
+    (scores + router, the default), 'ffn' (also the FFN weights) or 'all'; `teacher` is the trainer's
+    --teacher ('original' keeps a frozen FFN copy while the FFN weights train). Raises PlanError for
     input it cannot use (including an impossible MoE budget)."""
+    if teacher not in TEACHERS:
+        raise PlanError(f"teacher must be one of {', '.join(TEACHERS)}, got {teacher!r}")
     shape = load_model_shape(model)
     _check_args(nodes, gpus_per_node, gpu_memory_gb, seq_len, micro_batch, trainable, phase, margin, device)
     ds = _settings(ds_config).resolved(shape.hidden, device)
@@ -436,6 +443,8 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
     layer_tensors = shape.layer_tensors()
     other_tensors = [(shape.embedding_params, 1 if shape.tied_embeddings else 2), (d, 1)]
     dot_tensors = [(f * columns, 1), (num_experts * d, 1)] if columns else []   # scores, router
+    # the frozen original FFN (reference.py): kept when a conversion trains the FFN weights
+    reference_tensors = [(d * f, 3)] if columns and trainable != "assignment" and teacher == "original" else []
 
     def resident(tensors, layers, dtype_bytes):
         """Bytes one rank holds of these parameter tensors (ZeRO-3 shards all but small ones)."""
@@ -450,6 +459,9 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
         weights = resident([(n, c) for n, c in layer_tensors if n < persist], L, a) + resident(
             [(n, c) for n, c in other_tensors if n < persist], 1, a)
     dot_params = resident(dot_tensors[:1], L, 4) + resident(dot_tensors[1:], L, a) if columns else 0.0
+    reference = resident(reference_tensors, L, a)
+    if z3 and ds.offload_param != "none":
+        reference = 0.0
 
     terms: list[MemoryTerm] = []
     more_gpus = ("use more GPUs (nodes), ZeRO-3, or offload the parameters to CPU "
@@ -462,10 +474,15 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
         terms.append(MemoryTerm("DOT-MoE scores + router", dot_params,
                                 f"{L} x ([{f}, {columns}] fp32 + [{num_experts}, {d}])" + (f" / {world}" if z3 else ""),
                                 "use fewer experts"))
+    if reference_tensors:
+        terms.append(MemoryTerm("frozen FFN copy (teacher)", reference,
+                                f"{L} x 3 x [{f}, {d}] x {a} B" + (f" / {world}" if z3 else "") + off,
+                                "pass --teacher trained (the teacher then drifts with the trained FFN "
+                                "weights), use more GPUs, or offload the parameters"))
 
     # --- ZeRO-3 working set of gathered parameters
     if z3:
-        unit = shape.layer_params + sum(n * c for n, c in dot_tensors)
+        unit = shape.layer_params + sum(n * c for n, c in dot_tensors + reference_tensors)
         if phase == "recover":
             unit = shape.layer_params - shape.expert_params_per_layer * (1 - 1 / ep)
         unit = max(unit, shape.embedding_params)
@@ -642,7 +659,7 @@ def main(model: str = "llama-3-70b", nodes: int = 8, gpus_per_node: int = 8, gpu
          seq_len: int = 4096, micro_batch: int | None = None, activation_checkpointing: bool = True,
          distillation: bool = False, trainable: str = "assignment", phase: str = "convert",
          margin: float = 0.1, runtime_gb: float | None = None, device: str = "gpu",
-         list_presets: bool = False) -> int:
+         teacher: str = "original", list_presets: bool = False) -> int:
     """Print the per-GPU memory plan; exit 0 if it fits, 3 if not, 2 on bad input."""
     if list_presets:
         for name, cfg in PRESETS.items():
@@ -655,7 +672,7 @@ def main(model: str = "llama-3-70b", nodes: int = 8, gpus_per_node: int = 8, gpu
                            shared_neurons=shared_neurons, seq_len=seq_len, micro_batch=micro_batch,
                            activation_checkpointing=activation_checkpointing, distillation=distillation,
                            trainable=trainable, phase=phase, margin=margin, runtime_gb=runtime_gb,
-                           device=device)
+                           device=device, teacher=teacher)
     except PlanError as err:
         print(f"plan_memory: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

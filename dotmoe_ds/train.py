@@ -34,6 +34,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.path.insert(0, _root)
 
+import contextlib
 import json
 import math
 import time
@@ -55,6 +56,7 @@ from dotmoe_ds.evaluate import perplexity, token_nll
 from dotmoe_ds.export import ExportError, export_moe
 from dotmoe_ds.families import FamilyAdapter, FamilyError, adapter_for
 from dotmoe_ds.layer import DotMoEFFN, set_plan_fn, set_tau
+from dotmoe_ds.reference import ReferenceFFN
 from dotmoe_ds import baselines
 from dotmoe_ds.baselines import PRUNE, PrunedFFN, export_pruned, set_mode   # set_mode: MoE and pruned layers
 from dotmoe_ds.monitor import Monitor, RouterAccumulator, Throughput, assignment_stats, memory_gb, router_stats
@@ -78,7 +80,7 @@ RESUME_KEYS = ("model", "data", "eval_data", "eval_fraction", "seq_len", "batch_
                "beta", "router_init", "router_logit_std", "calib_tokens", "assigner", "routing_ste",
                "kd_weight", "kd_temperature", "lb_weight", "z_weight", "tau_start", "tau_end", "tau_schedule",
                "trainable", "scores_lr_scale", "router_lr_scale", "weights_lr_scale", "steps", "seed",
-               "recon_weight", "scores_lr_schedule", "scores_settle_frac", "max_flip_frac")
+               "recon_weight", "scores_lr_schedule", "scores_settle_frac", "max_flip_frac", "teacher")
 
 
 # ====================================================================== preflight
@@ -302,12 +304,42 @@ def build_model(plan: Plan, ds: dict):
         # the optimizer still keeps an fp32 master copy and the layer runs Sinkhorn in fp32.
         for layer in (layer for layer in layers if isinstance(layer, DotMoEFFN)):
             layer.scores.data = layer.scores.data.to(dtype)
+    if keeps_reference(cfg):
+        attach_references(layers, ds, dtype)
     if zero_stage(ds) == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
         # One gather per layer forward; data-dependent masks inside cannot desynchronise ranks.
         set_z3_leaf_modules(model, [DotMoEFFN, PrunedFFN])
     return model, layers, hf_ds
+
+
+def keeps_reference(cfg: RunConfig) -> bool:
+    """Whether the conversion layers keep a frozen copy of the dense FFN (reference.py): only when
+    the FFN weights train (else 'dense' mode is the original model already) and --teacher original."""
+    return cfg.objective.trainable != "assignment" and cfg.objective.teacher == "original"
+
+
+@torch.no_grad()
+def attach_references(layers: list, ds: dict, dtype: torch.dtype) -> None:
+    """Gives every conversion layer `reference`, a frozen copy of its dense weights. Under ZeRO-3 the
+    copy is created sharded (zero.Init) and filled one layer at a time inside a gather, so no rank
+    ever holds more than one layer's FFN whole. Collective under ZeRO-3."""
+    init = contextlib.nullcontext
+    if zero_stage(ds) == 3:
+        import deepspeed
+
+        init = lambda: deepspeed.zero.Init(config_dict_or_path=ds)   # noqa: E731
+    for layer in layers:
+        src = (layer.gate_proj, layer.up_proj, layer.down_proj)
+        with init():
+            ref = ReferenceFFN(layer.gate_proj.in_features, layer.gate_proj.out_features, layer.act_fn,
+                               dtype=dtype, device=None if zero_stage(ds) == 3 else layer.gate_proj.weight.device)
+        params = [lin.weight for lin in src] + [lin.weight for lin in ref.linears()]
+        with dist.gathered(params, modifier_rank=0):
+            for mine, theirs in zip(ref.linears(), src):
+                mine.weight.copy_(theirs.weight)
+        layer.reference = ref
 
 
 def select_trainable(model, layers: list[DotMoEFFN], cfg: RunConfig, base_lr: float) -> list[dict]:
@@ -329,6 +361,9 @@ def select_trainable(model, layers: list[DotMoEFFN], cfg: RunConfig, base_lr: fl
         if o.trainable == "ffn":
             for lin in (layer.gate_proj, layer.up_proj, layer.down_proj):
                 lin.weight.requires_grad_(True)
+    for layer in layers:   # the frozen original FFN (--teacher original) never trains, even with 'all'
+        if layer.reference is not None:
+            layer.reference.requires_grad_(False)
     special = {id(p) for p in routers} | {id(layer.scores) for layer in layers
                                                    if isinstance(layer, DotMoEFFN)}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
@@ -654,7 +689,9 @@ def results_table(res: dict) -> str:
         name = f"pruned dense ({res['pruned']['kept_neurons']} of {spec['d_ff']} neurons)"
         active = res["pruned"]["active_fraction"]
     # With --trainable ffn/all the dense mode runs the trained weights, not the original model.
-    dense_name = "dense (trained weights, every neuron)" if res.get("dense_weights") == "trained" else "dense"
+    weights = res.get("dense_weights", "original")
+    dense_name = {"original": "dense", "trained": "dense (trained weights, every neuron)"}.get(weights,
+                                                                                           f"dense ({weights})")
     rows = [("model", "held-out ppl", "mean NLL", "active FFN"),
             (dense_name, f"{dense['perplexity']:.2f}", f"{dense['mean_nll']:.4f}", "100%"),
             (name, f"{conv['perplexity']:.2f}", f"{conv['mean_nll']:.4f}", f"{active:.0%}")]
@@ -665,6 +702,14 @@ def results_table(res: dict) -> str:
     lines.append(f"perplexity retention (dense / converted): {res['retention']:.1%}   "
                  f"({dense['tokens']} held-out tokens)")
     return "\n".join(lines)
+
+
+def dense_weights(cfg: RunConfig) -> str:
+    """What the 'dense' mode runs after training: the original model, or trained weights."""
+    o = cfg.objective
+    if o.trainable == "assignment" or (o.trainable == "ffn" and keeps_reference(cfg)):
+        return "original"
+    return "original FFN, trained attention and embeddings" if keeps_reference(cfg) else "trained"
 
 
 def finish(engine, layers, plan: Plan, packed: PackedData, state: LoopState, monitor: Monitor,
@@ -698,7 +743,7 @@ def finish(engine, layers, plan: Plan, packed: PackedData, state: LoopState, mon
            "dense": dense.to_dict(), "converted": converted.to_dict(),
            # what "dense" ran: the original weights, or the trained ones with every neuron active
            # (the original model's numbers then come from `dotmoe eval` of --model)
-           "dense_weights": "original" if cfg.objective.trainable == "assignment" else "trained",
+           "dense_weights": dense_weights(cfg),
            "retention": dense.ppl / converted.ppl,
            "final_train_loss": state.last_loss if state.losses else None,   # None: nothing was trained
            "export": export_info, "wall_seconds": time.perf_counter() - wall_start}

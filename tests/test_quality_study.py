@@ -92,6 +92,28 @@ def test_table_and_retention_from_eval_results(study, tmp_path):
     assert "| dot_50 | 40.0% | 60.0% |" in table
 
 
+def test_seed_summary_states_mean_and_spread(study, tmp_path):
+    s = study.SETTINGS["cpu"]
+    runs = {r.name: r for r in study.plan_runs(s)}
+    dense_ev = _ev(40.0, 0.45, {"arc_easy": 0.55, "piqa": 0.70})
+    doms = lambda kjv: {"perplexity_by_domain": {"kjv": {"perplexity": kjv}}}   # noqa: E731
+    rows = [study._row(runs["dense"], None, dense_ev, dense_ev, s, "cpu", doms(20.0), doms(20.0)),
+            study._row(runs["prune_50"], None, _ev(50.0, 0.40, {"arc_easy": 0.40, "piqa": 0.60}), dense_ev, s, "cpu",
+                       doms(30.0), doms(20.0)),
+            study._row(runs["prune_50_s1"], None, _ev(54.0, 0.36, {"arc_easy": 0.44, "piqa": 0.60}), dense_ev, s,
+                       "cpu", doms(31.0), doms(20.0)),
+            study._row(runs["dot_50"], None, _ev(60.0, 0.30, {"arc_easy": 0.30, "piqa": 0.50}), dense_ev, s, "cpu")]
+    summary = study.seed_summary(rows)
+    assert [(e["method"], e["budget"], e["seeds"]) for e in summary] == [("prune", "50", [0, 1])]
+    m = summary[0]["measures"]
+    assert m["Austen ppl"]["mean"] == pytest.approx(52.0) and m["Austen ppl"]["spread"] == pytest.approx(4.0)
+    assert m["bench avg"]["mean"] == pytest.approx(0.51) and m["bench avg"]["spread"] == pytest.approx(0.02)
+    assert m["cloze acc"]["spread"] == pytest.approx(0.04) and m["kjv ppl"]["mean"] == pytest.approx(30.5)
+    study.write_table(rows, s, tmp_path / "q.md", {"text": "note"})
+    assert "| prune | 50% | 0, 1 | 52.00 ± 2.00 | 51.0% ± 1.0% | 38.0% ± 2.0% | 30.50 ± 0.50 |" in \
+        (tmp_path / "q.md").read_text()
+
+
 def _austen_dir(root: Path) -> Path:
     """Six small 'books' with the study's file names, cut from the shipped excerpt."""
     text = (ROOT / "dotmoe_ds" / "demo_data" / "calibration" / "emma.txt").read_text()

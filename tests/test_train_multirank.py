@@ -385,3 +385,30 @@ def test_layer_parallel_initialisation_equals_one_process(setup, method):
         assert layers_one[0]["experts"] != [list(range(e * 24, (e + 1) * 24)) for e in range(4)]
     else:
         assert len(layers_one[0]["kept"]) == 48 and layers_one[0]["kept"] != list(range(48))
+
+
+def test_zero3_frozen_original_ffn_is_the_teacher_and_survives_a_resume(setup, reference):
+    """--trainable ffn with distillation and reconstruction on 2 ZeRO-3 ranks: the frozen copy of the
+    original FFN (reference.py, created sharded) keeps the dense row the original model's (the
+    reference run trains nothing but scores and router, so its dense row is the original model), and a
+    run stopped at step 4 and resumed ends where the uninterrupted run ends."""
+    ref_res = json.loads((reference[0] / "results.json").read_text())
+    flags = {"trainable": "ffn", "kd_weight": 1, "recon_weight": 1, "weights_lr_scale": 3, "steps": 6}
+    whole = setup / "copy_whole"
+    rc, log = _finish(_launch(_with(_args(setup, whole), **flags), setup))
+    assert rc == 0, log[-3000:]
+    res = json.loads((whole / "results.json").read_text())
+    assert res["dense_weights"] == "original"
+    assert res["dense"]["perplexity"] == pytest.approx(ref_res["dense"]["perplexity"], rel=1e-5)
+    # the FFN weights did train: the export differs from the reference run's by more than the router
+    assert res["converted"]["perplexity"] != pytest.approx(ref_res["converted"]["perplexity"], rel=1e-3)
+    split = setup / "copy_split"
+    rc, log = _finish(_launch(_with(_args(setup, split), **flags, stop_at_step=4), setup))
+    assert rc == 75, log[-3000:]
+    rc, log = _finish(_launch(_with(_args(setup, split, "--resume"), **flags), setup))
+    assert rc == 0, log[-3000:]
+    got = json.loads((split / "results.json").read_text())
+    assert [l for _, l in _client_state(split, 6)["losses"]] == pytest.approx(
+        [l for _, l in _client_state(whole, 6)["losses"]], rel=1e-6, abs=1e-6)
+    assert got["dense"]["perplexity"] == pytest.approx(res["dense"]["perplexity"], rel=1e-6)
+    assert got["converted"]["perplexity"] == pytest.approx(res["converted"]["perplexity"], rel=1e-5)

@@ -107,7 +107,10 @@ SETTINGS = {
 # its kept weights the same way); routers start from the least-squares fit to each expert's output norm
 # (596 vs 3,934 perplexity for the mean-gate-row init, untrained, calibration text).
 # The study's flags define each run whole: no recipe (dotmoe_ds/recipes.py) underneath them.
-COMMON_FLAGS = {"recipe": "none", "trainable": "ffn", "router_init": "lstsq", "lb_weight": 0.01}
+# Teacher 'trained': the study's first units ran before the frozen original FFN existed (distillation
+# and reconstruction then followed the trained weights); every row keeps that so the rows compare.
+COMMON_FLAGS = {"recipe": "none", "trainable": "ffn", "router_init": "lstsq", "lb_weight": 0.01,
+                "teacher": "trained"}
 # DOT and its ablations: a co-activation start (the default with a shared expert) held with confidence
 # beta 1, the scores' own Adam at 30x the base lr (0.09: a score moves ~lr per step, so the first flips
 # come after ~11 steps), at most 1% of d_ff moved per layer and step, fixed after 75% of the steps.
@@ -334,6 +337,55 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
 
 
+# The measures the seed summary states: (name in the table, how a row gives it).
+SEED_MEASURES = (("Austen ppl", lambda r: r.get("perplexity")),
+                 ("bench avg", lambda r: r.get("bench_average")),
+                 ("cloze acc", lambda r: r.get("cloze_accuracy")))
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """Per method and budget run with more than one seed: each measure's mean over the seeds and its
+    spread (largest minus smallest), the noise the targets' 'by more than the seed spread' refers to.
+    Domain perplexities are measures too (named by domain)."""
+    domains = sorted({d for r in rows for d in r.get("domain_perplexity", {})} - {"austen"})
+    measures = list(SEED_MEASURES) + [(f"{d} ppl", lambda r, d=d: r.get("domain_perplexity", {}).get(d))
+                                      for d in domains]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["budget"]), []).append(r)
+    out = []
+    for (method, budget), group in groups.items():
+        if len({r["seed"] for r in group}) < 2:
+            continue
+        entry = {"method": method, "budget": budget, "seeds": sorted(r["seed"] for r in group), "measures": {}}
+        for name, get in measures:
+            values = [get(r) for r in group]
+            if any(v is None for v in values):
+                continue
+            entry["measures"][name] = {"mean": sum(values) / len(values), "spread": max(values) - min(values),
+                                       "values": values}
+        out.append(entry)
+    return out
+
+
+def _seed_table(summary: list[dict]) -> str:
+    if not summary:
+        return ""
+    names = list(dict.fromkeys(n for e in summary for n in e["measures"]))
+    head = "| method | budget | seeds | " + " | ".join(names) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for e in summary:
+        cells = []
+        for n in names:
+            m = e["measures"].get(n)
+            pct = n in ("bench avg", "cloze acc")
+            fmt = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.2f}")
+            cells.append("-" if m is None else f"{fmt(m['mean'])} ± {fmt(m['spread'] / 2)}")
+        lines.append(f"| {e['method']} | {e['budget']}% | {', '.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
+    return ("\n\nSeeds: mean over the seeds ± half their spread (largest minus smallest), per method run with "
+            "more than one seed\n\n" + "\n".join(lines))
+
+
 def write_table(rows: list[dict], s: Setting, path: Path, eval_info: dict) -> None:
     # Austen's held-out domain (in domains.json of units before it was left out) is the "Austen ppl" column.
     domains = sorted({d for r in rows for d in r.get("domain_perplexity", {})} - {"austen"})
@@ -364,7 +416,7 @@ def write_table(rows: list[dict], s: Setting, path: Path, eval_info: dict) -> No
         per_task = ("\n\nBenchmark accuracy per task (items per task: "
                     + ", ".join(f"{t} {n[t]}" for t in tasks) + ")\n\n" + "\n".join(tl))
     path.write_text(f"# Quality study ({s.name} setting)\n\n" + "\n".join(lines) + per_task
-                    + f"\n\n{eval_info['text']}\n")
+                    + _seed_table(seed_summary(rows)) + f"\n\n{eval_info['text']}\n")
 
 
 def write_plot(rows: list[dict], path: Path, s: Setting) -> None:
@@ -512,6 +564,7 @@ def report(runs: list[Run], s: Setting, device: str, out: Path, runs_dir: Path, 
                          _read(d / "domains.json"), dense_domains, _read(d / "study_time.json")))
     dev_file.write_text(json.dumps(devices, indent=1) + "\n")
     (out / f"quality_{s.name}.json").write_text(json.dumps({"setting": asdict(s), "rows": rows,
+                                                            "seeds": seed_summary(rows),
                                                             "eval": dense_ev.get("settings")}, indent=1) + "\n")
     write_table(rows, s, out / f"quality_{s.name}.md", {"text": data.get("text", "")})
     write_plot(rows, out / f"quality_{s.name}.png", s)
