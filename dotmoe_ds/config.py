@@ -176,12 +176,13 @@ class ObjectiveArgs:
     max_flip_frac: float = 0.01
     """at most max(E', this share of d_ff) neurons of a layer may change expert per step (whole cycles
     of the moves the gradient wants most); 0: no bound. 0.01 measured better than no bound (README)"""
-    teacher: str = "original"
+    teacher: str = "trained"
     """what the distillation teacher and the reconstruction target run when the FFN weights train
-    (--trainable ffn/all): original = a frozen copy of the dense FFN weights (reference.py; one more
-    copy of the FFN weights, no optimizer state); trained = the weights being trained, every neuron
-    active (they drift with the student; the behaviour before this flag). With --trainable all the
-    attention and embeddings of the teacher are the trained ones either way"""
+    (--trainable ffn/all): trained = the weights being trained, every neuron active (the teacher
+    adapts to the calibration text with the student; measured better on calibration-side text,
+    results/teacher.md); original = a frozen copy of the dense FFN weights (reference.py; one more
+    copy of the FFN weights, no optimizer state). With --trainable all the attention and embeddings
+    of the teacher are the trained ones either way"""
 
 
 @dataclass

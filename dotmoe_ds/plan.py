@@ -15,8 +15,8 @@ x seq_len tokens; d hidden, f d_ff, V vocab, L layers, E' score columns = E (+1 
   model weights       a x params / W under ZeRO-3 (0 with offload_param), else a x params. Tensors
                       below stage3_param_persistence_threshold stay whole on every rank.
   DOT-MoE params      scores [f, E'] fp32 and router [E, d] per layer, sharded the same way.
-  frozen FFN copy     when the FFN weights train and teacher='original' (the trainer's default
-                      --teacher): a x 3 d f per layer, sharded like the weights, part of the layer's
+  frozen FFN copy     when the FFN weights train and teacher='original' (the trainer's
+                      --teacher original): a x 3 d f per layer, sharded like the weights, part of the layer's
                       gathered unit; no gradient, no optimiser state (dotmoe_ds/reference.py).
   gathered params     ZeRO-3 gathers a whole module before using it; the DOT-MoE FFN is one leaf, and
                       the embedding / LM head are one tensor each. a x (max(largest unit,
@@ -400,7 +400,7 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
                 top_k: int = 2, shared_neurons: int = 0, seq_len: int = 4096, micro_batch: int | None = None,
                 activation_checkpointing: bool = True, distillation: bool = False,
                 trainable: str = "assignment", phase: str = "convert", margin: float = 0.1,
-                runtime_gb: float | None = None, device: str = "gpu", teacher: str = "original") -> MemoryPlan:
+                runtime_gb: float | None = None, device: str = "gpu", teacher: str = "trained") -> MemoryPlan:
     """Per-GPU memory of a DOT-MoE conversion ('convert') or of an exported MoE's recovery training
     ('recover', expert-parallel). `gpu_memory_gb` is GiB per rank; `trainable` is 'assignment'
     (scores + router, the default), 'ffn' (also the FFN weights) or 'all'; `teacher` is the trainer's
@@ -659,7 +659,7 @@ def main(model: str = "llama-3-70b", nodes: int = 8, gpus_per_node: int = 8, gpu
          seq_len: int = 4096, micro_batch: int | None = None, activation_checkpointing: bool = True,
          distillation: bool = False, trainable: str = "assignment", phase: str = "convert",
          margin: float = 0.1, runtime_gb: float | None = None, device: str = "gpu",
-         teacher: str = "original", list_presets: bool = False) -> int:
+         teacher: str = "trained", list_presets: bool = False) -> int:
     """Print the per-GPU memory plan; exit 0 if it fits, 3 if not, 2 on bad input."""
     if list_presets:
         for name, cfg in PRESETS.items():

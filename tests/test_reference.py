@@ -1,6 +1,7 @@
-"""--teacher original (reference.py): while the FFN weights train, 'dense' mode and the reconstruction
-target stay the original model; the copy never trains, is never exported, and the memory plan counts
-it. The trainer end to end: the dense row of results.json is the original model's perplexity."""
+"""--teacher original (reference.py; the default is trained): while the FFN weights train, 'dense' mode
+and the reconstruction target stay the original model; the copy never trains, is never exported, and
+the memory plan counts it. The trainer end to end: the dense row of results.json is the original
+model's perplexity."""
 import json
 import os
 import subprocess
@@ -95,6 +96,7 @@ def test_reconstruction_target_is_the_original_and_the_copy_gets_no_gradient():
 
 
 def _trainable_cfg(trainable, teacher="original"):
+    """A config with --teacher given (the default, trained, is checked by its own test)."""
     return parse_args(["--model", "m", "--data", "d", "--recipe", "none", "--trainable", trainable,
                        "--teacher", teacher])
 
@@ -115,6 +117,13 @@ def test_select_trainable_never_trains_the_copy(method):
     copies = [p for layer in layers for p in layer.reference.parameters()]
     assert copies and not any(p.requires_grad or id(p) in in_groups for p in copies)
     assert layers[0].gate_proj.weight.requires_grad and id(layers[0].gate_proj.weight) in in_groups
+
+
+def test_the_default_teacher_is_the_trained_weights():
+    cfg = parse_args(["--model", "m", "--data", "d", "--recipe", "none", "--trainable", "ffn"])
+    assert cfg.objective.teacher == "trained" and not train.keeps_reference(cfg)
+    assert "frozen FFN copy (teacher)" not in {t.name for t in plan_memory(
+        "llama-3-70b", nodes=2, gpus_per_node=8, gpu_memory_gb=80, trainable="ffn").terms}
 
 
 def test_which_runs_keep_a_copy_and_what_their_dense_row_is():
@@ -161,7 +170,7 @@ def test_export_never_writes_the_copy(tmp_path):
 def test_memory_plan_counts_the_copy():
     kw = dict(nodes=2, gpus_per_node=8, gpu_memory_gb=80, num_experts=8, top_k=2, seq_len=4096)
     terms = lambda **more: {t.name: t.bytes for t in plan_memory("llama-3-70b", **kw, **more).terms}  # noqa: E731
-    ffn, trained, frozen = terms(trainable="ffn"), terms(trainable="ffn", teacher="trained"), terms()
+    ffn, trained, frozen = terms(trainable="ffn", teacher="original"), terms(trainable="ffn"), terms()
     d, f, L = 8192, 28672, 80
     assert ffn["frozen FFN copy (teacher)"] == pytest.approx(L * 3 * d * f * 2 / 16)   # bf16, sharded over 16
     assert "frozen FFN copy (teacher)" not in trained and "frozen FFN copy (teacher)" not in frozen

@@ -393,7 +393,8 @@ def test_zero3_frozen_original_ffn_is_the_teacher_and_survives_a_resume(setup, r
     reference run trains nothing but scores and router, so its dense row is the original model), and a
     run stopped at step 4 and resumed ends where the uninterrupted run ends."""
     ref_res = json.loads((reference[0] / "results.json").read_text())
-    flags = {"trainable": "ffn", "kd_weight": 1, "recon_weight": 1, "weights_lr_scale": 3, "steps": 6}
+    flags = {"trainable": "ffn", "kd_weight": 1, "recon_weight": 1, "weights_lr_scale": 3, "steps": 6,
+             "teacher": "original"}
     whole = setup / "copy_whole"
     rc, log = _finish(_launch(_with(_args(setup, whole), **flags), setup))
     assert rc == 0, log[-3000:]

@@ -107,8 +107,9 @@ SETTINGS = {
 # its kept weights the same way); routers start from the least-squares fit to each expert's output norm
 # (596 vs 3,934 perplexity for the mean-gate-row init, untrained, calibration text).
 # The study's flags define each run whole: no recipe (dotmoe_ds/recipes.py) underneath them.
-# Teacher 'trained': the study's first units ran before the frozen original FFN existed (distillation
-# and reconstruction then followed the trained weights); every row keeps that so the rows compare.
+# Teacher 'trained' (the trainer's default): distillation and reconstruction follow the trained weights,
+# as in every unit since the first (the frozen original FFN, --teacher original, came later and measured
+# worse on calibration-side text: results/teacher.md).
 COMMON_FLAGS = {"recipe": "none", "trainable": "ffn", "router_init": "lstsq", "lb_weight": 0.01,
                 "teacher": "trained"}
 # DOT and its ablations: a co-activation start (the default with a shared expert) held with confidence
