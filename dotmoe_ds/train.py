@@ -688,7 +688,7 @@ def results_table(res: dict) -> str:
     if res.get("pruned"):
         name = f"pruned dense ({res['pruned']['kept_neurons']} of {spec['d_ff']} neurons)"
         active = res["pruned"]["active_fraction"]
-    # With --trainable ffn/all the dense mode runs the trained weights, not the original model.
+    # With --trainable ffn/all the dense mode runs the trained weights, unless --teacher original.
     weights = res.get("dense_weights", "original")
     dense_name = {"original": "dense", "trained": "dense (trained weights, every neuron)"}.get(weights,
                                                                                            f"dense ({weights})")
