@@ -55,13 +55,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from dotmoe_ds.config import PHASES, TEACHERS, TRAINABLE  # noqa: E402  (pure Python, no torch)
 from dotmoe_ds.spec import MoESpec, SpecError  # noqa: E402  (pure Python, no torch)
 
 GiB = 1024 ** 3
 EXIT_FITS, EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT = 0, 2, 3
-TRAINABLE = ("assignment", "ffn", "all")
-TEACHERS = ("original", "trained")
-PHASES = ("convert", "recover")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 

@@ -325,8 +325,9 @@ def attach_references(layers: list, ds: dict, dtype: torch.dtype) -> None:
     """Gives every conversion layer `reference`, a frozen copy of its dense weights. Under ZeRO-3 the
     copy is created sharded (zero.Init) and filled one layer at a time inside a gather, so no rank
     ever holds more than one layer's FFN whole. Collective under ZeRO-3."""
+    z3 = zero_stage(ds) == 3
     init = contextlib.nullcontext
-    if zero_stage(ds) == 3:
+    if z3:
         import deepspeed
 
         init = lambda: deepspeed.zero.Init(config_dict_or_path=ds)   # noqa: E731
@@ -334,7 +335,7 @@ def attach_references(layers: list, ds: dict, dtype: torch.dtype) -> None:
         src = (layer.gate_proj, layer.up_proj, layer.down_proj)
         with init():
             ref = ReferenceFFN(layer.gate_proj.in_features, layer.gate_proj.out_features, layer.act_fn,
-                               dtype=dtype, device=None if zero_stage(ds) == 3 else layer.gate_proj.weight.device)
+                               dtype=dtype, device=None if z3 else layer.gate_proj.weight.device)
         params = [lin.weight for lin in src] + [lin.weight for lin in ref.linears()]
         with dist.gathered(params, modifier_rank=0):
             for mine, theirs in zip(ref.linears(), src):
@@ -706,10 +707,12 @@ def results_table(res: dict) -> str:
 
 def dense_weights(cfg: RunConfig) -> str:
     """What the 'dense' mode runs after training: the original model, or trained weights."""
-    o = cfg.objective
-    if o.trainable == "assignment" or (o.trainable == "ffn" and keeps_reference(cfg)):
+    trainable = cfg.objective.trainable
+    if trainable == "assignment":
         return "original"
-    return "original FFN, trained attention and embeddings" if keeps_reference(cfg) else "trained"
+    if not keeps_reference(cfg):
+        return "trained"
+    return "original" if trainable == "ffn" else "original FFN, trained attention and embeddings"
 
 
 def finish(engine, layers, plan: Plan, packed: PackedData, state: LoopState, monitor: Monitor,

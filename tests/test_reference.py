@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dotmoe_ds import baselines, runframe, train
+from dotmoe_ds import runframe, train
 from dotmoe_ds.baselines import PrunedFFN
 from dotmoe_ds.config import ConfigError, RunConfig, parse_args
 from dotmoe_ds.data import prepare_data
 from dotmoe_ds.evaluate import perplexity
 from dotmoe_ds.export import export_moe
 from dotmoe_ds.families import adapter_for
-from dotmoe_ds.layer import DotMoEFFN, set_mode
+from dotmoe_ds.layer import DotMoEFFN
 from dotmoe_ds.objectives import relative_reconstruction_error
 from dotmoe_ds.plan import PlanError, plan_memory
 from dotmoe_ds.spec import MoESpec
