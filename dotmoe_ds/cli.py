@@ -51,7 +51,8 @@ class EvalCommand:
     domains: str = ""
     """held-out perplexity per domain: NAME=FILES[;NAME=FILES...] (FILES comma-separated, as --data), or 'mix':
     the held-out parts of the calibration mix (King James Bible, Linux docs; fetched into $DOTMOE_CACHE on first
-    use) plus Austen's held-out novels from --austen_dir"""
+    use) plus Austen's held-out novels from --austen_dir. Without --data, only the domains are scored for
+    perplexity (not the default excerpt)"""
     austen_dir: str = ""
     """with --domains mix: the folder of the six Austen novels, whose two held-out ones form the austen domain"""
     batch_size: int = 4

@@ -12,7 +12,8 @@ rounding inside the model).
 
 Per domain (`EvalSettings.domains`, `dotmoe eval --domains`): each domain's files are packed and
 scored alone, exactly as `--data` with those files would be, with the same `seq_len` and
-`ppl_blocks`; `--domains mix` takes the held-out parts of the calibration mix (`corpora.py`).
+`ppl_blocks`; `--domains mix` takes the held-out parts of the calibration mix (`corpora.py`). With
+domains and no `data`, the overall perplexity is left out (the default excerpt is not what was asked).
 
 Cloze (`build_cloze`, `score_cloze`)
 ------------------------------------
@@ -789,9 +790,12 @@ def evaluate_model(model_dir: str | Path, settings: EvalSettings = EvalSettings(
     `model`/`tokenizer` (in memory) replace loading `model_dir`; `cloze` and `blocks` reuse items and
     packed text built once for several models."""
     data = settings.data or default_heldout_files()
+    # --domains without --data: the domains are the held-out text asked for; the default files' perplexity
+    # would be a number nobody asked for (and a minute of scoring on a CPU).
+    overall_ppl = settings.ppl_blocks >= 0 and bool(settings.data or not settings.domains)
     # Every input is checked before the model loads, so a typo fails in a second, not after minutes.
     documents = read_text_files(data) if settings.cloze_items > 0 and cloze is None else None
-    if settings.ppl_blocks >= 0 and blocks is None:
+    if overall_ppl and blocks is None:
         _check_data(data)
     if settings.domains:
         if settings.ppl_blocks < 0:
@@ -821,7 +825,7 @@ def evaluate_model(model_dir: str | Path, settings: EvalSettings = EvalSettings(
         raise EvalError("an in-memory model needs its tokenizer")
     result: dict = {"model": str(model_dir) if model_dir is not None else None, "data": list(map(str, data)),
                     "params": parameter_counts(model, model_dir)}
-    if settings.ppl_blocks >= 0:
+    if overall_ppl:
         if blocks is None:
             blocks = heldout_blocks(tokenizer, data, seq_len=settings.seq_len,
                                     model_max_length=getattr(model.config, "max_position_embeddings", None))

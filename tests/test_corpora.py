@@ -375,6 +375,18 @@ def test_eval_by_domain_equals_each_domain_alone(model_dir, tmp_path, monkeypatc
     assert result["alpha"]["perplexity"] != pytest.approx(result["beta"]["perplexity"], rel=1e-3)
 
 
+def test_eval_domains_without_data_scores_only_the_domains(model_dir, tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("\n\n".join(_words(j, 60) for j in range(6)))
+    out = tmp_path / "r.json"
+    assert cli_main(["eval", str(model_dir), "--cloze_items", "0", "--ppl_blocks", "2", "--seq_len", "32",
+                     "--domains", f"alpha={text}", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "perplexity" not in result                 # the default excerpt was not scored
+    assert result["perplexity_by_domain"]["alpha"]["blocks"] == 2
+    assert "| perplexity (" not in capsys.readouterr().out
+
+
 def test_eval_domains_mix(model_dir, fake_sources, austen_dir, tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = cli_main(["eval", str(model_dir), "--data", str(austen_dir / "persuasion.txt"), "--cloze_items", "0",
