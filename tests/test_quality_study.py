@@ -2,6 +2,7 @@
 from DOT only in what they ablate, the report's arithmetic, and units that resume exactly."""
 import importlib.util
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -88,7 +89,8 @@ def test_table_and_retention_from_eval_results(study, tmp_path):
     assert r["domain_ppl_retention"] == {"kjv": pytest.approx(0.4)} and r["wall_seconds"] == 120.0
     study.write_table(rows, s, tmp_path / "q.md", {"text": "note"})
     table = (tmp_path / "q.md").read_text()
-    assert "| dot_50 | 50% | 0 | 0.0M / 0.0M | 50% | 80.00 | 50.0% | 50.00 | 50.0% | 80.0% | 50.0% " in table
+    assert r["mix_perplexity"] == pytest.approx(math.sqrt(80.0 * 50.0))      # geometric mean: Austen, kjv
+    assert "| dot_50 | 50% | 0 | 0.0M / 0.0M | 50% | 80.00 | 50.0% | 50.00 | 63.25 | 50.0% | 80.0% | 50.0% " in table
     assert "| dot_50 | 40.0% | 60.0% |" in table
 
 
@@ -109,8 +111,9 @@ def test_seed_summary_states_mean_and_spread(study, tmp_path):
     assert m["Austen ppl"]["mean"] == pytest.approx(52.0) and m["Austen ppl"]["spread"] == pytest.approx(4.0)
     assert m["bench avg"]["mean"] == pytest.approx(0.51) and m["bench avg"]["spread"] == pytest.approx(0.02)
     assert m["cloze acc"]["spread"] == pytest.approx(0.04) and m["kjv ppl"]["mean"] == pytest.approx(30.5)
+    assert m["mix ppl"]["values"] == [pytest.approx(math.sqrt(50.0 * 30.0)), pytest.approx(math.sqrt(54.0 * 31.0))]
     study.write_table(rows, s, tmp_path / "q.md", {"text": "note"})
-    assert "| prune | 50% | 0, 1 | 52.00 ± 2.00 | 51.0% ± 1.0% | 38.0% ± 2.0% | 30.50 ± 0.50 |" in \
+    assert "| prune | 50% | 0, 1 | 52.00 ± 2.00 | 51.0% ± 1.0% | 38.0% ± 2.0% | 39.82 ± 1.09 | 30.50 ± 0.50 |" in \
         (tmp_path / "q.md").read_text()
 
 

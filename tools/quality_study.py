@@ -22,6 +22,7 @@ Output: OUTPUT/quality.md, OUTPUT/quality.json, OUTPUT/quality.png, OUTPUT/runs/
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -327,7 +328,17 @@ def _row(run: Run, res: dict | None, ev: dict, dense_ev: dict, s: Setting, devic
         row["domain_ppl_retention"] = {d: dense_domains["perplexity_by_domain"][d]["perplexity"] / v
                                        for d, v in row["domain_perplexity"].items()
                                        if d in dense_domains.get("perplexity_by_domain", {})}
+        row["mix_perplexity"] = mix_perplexity(ppl, row["domain_perplexity"])
     return row
+
+
+def mix_perplexity(austen_ppl: float, domain_ppl: dict[str, float]) -> float:
+    """One number for the calibration mix's held-out text: the geometric mean of the held-out perplexity
+    of each domain (Austen's from eval.json, the others' from domains.json), every domain weighted the
+    same, i.e. exp of the mean of the domains' mean NLL. A converted model is meant for general use, and
+    a method can trade one domain for another (the learned assignment does: results/quality_cpu.md)."""
+    values = [austen_ppl] + [v for d, v in domain_ppl.items() if d != "austen"]
+    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def _fmt_params(n: int) -> str:
@@ -341,7 +352,8 @@ def _pct(x: float | None) -> str:
 # The measures the seed summary states: (name in the table, how a row gives it).
 SEED_MEASURES = (("Austen ppl", lambda r: r.get("perplexity")),
                  ("bench avg", lambda r: r.get("bench_average")),
-                 ("cloze acc", lambda r: r.get("cloze_accuracy")))
+                 ("cloze acc", lambda r: r.get("cloze_accuracy")),
+                 ("mix ppl", lambda r: r.get("mix_perplexity")))
 
 
 def seed_summary(rows: list[dict]) -> list[dict]:
@@ -391,7 +403,7 @@ def write_table(rows: list[dict], s: Setting, path: Path, eval_info: dict) -> No
     # Austen's held-out domain (in domains.json of units before it was left out) is the "Austen ppl" column.
     domains = sorted({d for r in rows for d in r.get("domain_perplexity", {})} - {"austen"})
     head = ("| run | budget | seed | active / total params | active FFN | Austen ppl | ppl retention | "
-            + "".join(f"{d} ppl | " for d in domains)
+            + "".join(f"{d} ppl | " for d in domains) + ("mix ppl | " if domains else "")
             + "bench avg | bench retention | above chance | cloze acc | cloze ret. above chance | wall time |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -399,6 +411,8 @@ def write_table(rows: list[dict], s: Setting, path: Path, eval_info: dict) -> No
         cloze = "-" if r.get("cloze_accuracy") is None else f"{r['cloze_accuracy']:.1%} ± {r['cloze_stderr']:.1%}"
         dom = "".join("- | " if d not in r.get("domain_perplexity", {}) else f"{r['domain_perplexity'][d]:.2f} | "
                       for d in domains)
+        if domains:
+            dom += "- | " if r.get("mix_perplexity") is None else f"{r['mix_perplexity']:.2f} | "
         lines.append(f"| {r['name']} | {r['budget'] or '-'}{'%' if r['budget'] else ''} | {r['seed']} "
                      f"| {_fmt_params(r['active_params'])} / {_fmt_params(r['total_params'])} "
                      f"| {r['active_ffn_fraction']:.0%} | {r['perplexity']:.2f} | {_pct(r['ppl_retention'])} | {dom}"
