@@ -30,6 +30,7 @@ PARTITIONS = ("auto", "random", "kmeans", "coactivation", "importance")
 ROUTER_INITS = ("gate_mean", "lstsq", "zero")
 TRAINABLE = ("assignment", "ffn", "all")
 TEACHERS = ("original", "trained")
+FLIP_CHECKS = ("none", "recon")
 TAU_SCHEDULES = ("cosine", "linear", "constant")
 PHASES = ("convert", "recover")
 
@@ -176,6 +177,10 @@ class ObjectiveArgs:
     max_flip_frac: float = 0.01
     """at most max(E', this share of d_ff) neurons of a layer may change expert per step (whole cycles
     of the moves the gradient wants most); 0: no bound. 0.01 measured better than no bound (README)"""
+    flip_check: str = "none"
+    """none: every flip the scores' step makes stays; recon: a layer's flips of one step are judged on the
+    next step's batches and taken back if they raised the layer's reconstruction error there (needs
+    --recon_weight > 0; one more down projection per layer while the assignment moves)"""
     teacher: str = "trained"
     """what the distillation teacher and the reconstruction target run when the FFN weights train
     (--trainable ffn/all): trained = the weights being trained, every neuron active (the teacher
@@ -400,6 +405,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--scores_settle_frac must be in (0, 1], got {o.scores_settle_frac}")
     if not 0.0 <= o.max_flip_frac <= 1.0:
         raise ConfigError(f"--max_flip_frac must be in [0, 1] (0: no bound), got {o.max_flip_frac}")
+    _choice("flip_check", o.flip_check, FLIP_CHECKS)
+    if o.flip_check == "recon" and o.recon_weight <= 0:
+        raise ConfigError("--flip_check recon judges flips by the reconstruction error, which --recon_weight 0 "
+                          "does not compute: pass --recon_weight > 0 (the recipe's is 1) or --flip_check none")
     _choice("text_unit", d.text_unit, ("document", "paragraph", "line"))
     _choice("encoding_errors", d.encoding_errors, ("strict", "replace", "ignore"))
     _choice("eval_split", d.eval_split, ("auto", "documents", "paragraphs"))

@@ -77,6 +77,10 @@ class DotMoEFFN(nn.Module):
                     backward passes) instead of `scores.grad`, for an optimizer outside the
                     DeepSpeed engine (score_optim.ScoreOptimizer); `scores` itself then needs no
                     requires_grad, so DeepSpeed neither holds nor clips it.
+    And one the ScoreOptimizer sets under its flip check: `judged_assignment`, the assignment before
+    the last step's flips; with `recon` on, each training forward then also computes the
+    reconstruction error under it (one more down projection, no gradient) and adds
+    [error now, error under the judged assignment, 1] to `judge_sums`.
     """
 
     def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear,
@@ -133,6 +137,8 @@ class DotMoEFFN(nn.Module):
         self.learn_scores = False
         self.score_grad: Tensor | None = None      # collected gradient of the scores (learn_scores)
         self.last_assignment: Tensor | None = None   # hard assignment of the last forward (monitoring)
+        self.judged_assignment: Tensor | None = None  # before the last flips, under the flip check
+        self.judge_sums: Tensor | None = None         # float64 [error now, error judged, forwards]
         self._hard_cache: tuple[tuple, Tensor] | None = None
         # Set by the trainer when it rounded this layer elsewhere (layer-parallel, see
         # pin_hard_assignment); wins over the cache until unpinned.
@@ -260,7 +266,19 @@ class DotMoEFFN(nn.Module):
             with torch.no_grad():   # the target: the dense output of the same input
                 dense = dense_output(self, x, h)
             self.last_recon = relative_reconstruction_error(y, dense)
+            if self.judged_assignment is not None:
+                self._judge(h, g, dense)
         return y
+
+    @torch.no_grad()
+    def _judge(self, h: Tensor, g: Tensor, dense: Tensor) -> None:
+        """The same forward's reconstruction error under `judged_assignment`, next to the current one.
+        A forward recomputed in the backward (gradient checkpointing) adds to both sums alike: the
+        verdict (which sum is larger) is the same."""
+        before = self.down_proj(h * g[..., self.judged_assignment.to(g.device)].to(h.dtype))
+        row = torch.tensor([float(self.last_recon), float(relative_reconstruction_error(before, dense)), 1.0],
+                           dtype=torch.float64)
+        self.judge_sums = row if self.judge_sums is None else self.judge_sums + row
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()

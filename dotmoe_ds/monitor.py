@@ -204,7 +204,7 @@ class Throughput:
         return r
 
 
-TRACE_TAGS = ("loss/", "assign/flips", "assign/moved", "assign/plan_entropy", "assign/scores_lr")
+TRACE_TAGS = ("loss/", "assign/flips", "assign/moved", "assign/plan_entropy", "assign/scores_lr", "assign/undone")
 
 
 def events_dir(run: str | Path) -> Path:

@@ -23,6 +23,14 @@ backward, i.e. inside ZeRO-3's gathered window). At each optimizer step:
   3. the owner writes the new scores into the (ZeRO-3 partitioned or replicated) parameter, which is
      broadcast to every rank.
 
+The flip check (`flip_check`, `--flip_check recon`): the straight-through gradient is a first-order
+estimate of what a move does, and a move of a neuron is not small. So each layer's flips of step t
+are judged on the batches of step t+1, which have not chosen them: the layer computes its
+reconstruction error under the new assignment and under the one before (DotMoEFFN.judged_assignment,
+the same forward), the sums are all-reduced, and at step t+1 a layer whose error the flips raised
+gets its scores of before step t back (the Adam moments are kept) before step t+1's update. The
+last flips before the assignment settles are judged too.
+
 Memory: the gradients are whole on every rank (d_ff x E' fp32 per layer, like the replicated plan);
 the master copy and the Adam moments are sharded by layer over the ranks.
 """
@@ -161,7 +169,7 @@ class ScoreOptimizer:
     """Adam on every layer's scores (see the module docstring). Collective: `step` on every rank."""
 
     def __init__(self, layers: Sequence[DotMoEFFN], schedule: ScoreSchedule, *, betas=(0.9, 0.95),
-                 eps: float = 1e-8, max_flip_frac: float = 0.0):
+                 eps: float = 1e-8, max_flip_frac: float = 0.0, flip_check: bool = False):
         if not 0.0 <= max_flip_frac <= 1.0:
             raise ValueError(f"max_flip_frac must be in [0, 1], got {max_flip_frac}")
         self.layers = list(layers)
@@ -169,13 +177,18 @@ class ScoreOptimizer:
         self.betas = tuple(float(b) for b in betas)
         self.eps = float(eps)
         self.max_flip_frac = float(max_flip_frac)
+        self.flip_check = bool(flip_check)
+        if self.flip_check and not all(layer.recon for layer in self.layers):
+            raise ValueError("the flip check compares reconstruction errors: the layers need recon on")
         self.t = 0                                   # Adam steps taken
         self.master: dict[int, Tensor] = {}          # owned layers: fp32 scores
         self.exp_avg: dict[int, Tensor] = {}
         self.exp_avg_sq: dict[int, Tensor] = {}
+        self.undo: dict[int, Tensor] = {}            # owned layers with flips under judgement: scores before
         for layer in self.layers:
             layer.learn_scores = True
             layer.score_grad = None
+            layer.judged_assignment, layer.judge_sums = None, None
 
     def owned(self) -> list[int]:
         me = dist.rank()
@@ -205,12 +218,47 @@ class ScoreOptimizer:
         return list(flat.split([g.numel() for g in grads]))
 
     @torch.no_grad()
+    def judge_flips(self) -> tuple[list[int], list[Tensor]]:
+        """The flip check's verdict on the last step's flips (see the module docstring): the layers
+        whose flips raised their reconstruction error, with their scores put back, and every layer's
+        assignment as it now stands. Collective."""
+        pending = [i for i, layer in enumerate(self.layers) if layer.judged_assignment is not None]
+        standing = [layer.hard_assignment() for layer in self.layers]
+        if not pending:
+            return [], standing
+        sums = torch.zeros(len(self.layers), 3, dtype=torch.float64)
+        for i in pending:
+            if self.layers[i].judge_sums is not None:
+                sums[i] = self.layers[i].judge_sums
+        sums = dist.all_reduce_sum(sums)             # every rank: the same sums over the same forwards
+        undone = []
+        for i in pending:
+            layer = self.layers[i]
+            now, before, forwards = sums[i].tolist()
+            if forwards > 0 and now > before:
+                undone.append(i)
+                standing[i] = layer.judged_assignment
+                owner = dist.owner_of(i)
+                with dist.gathered([layer.scores], modifier_rank=owner):
+                    if owner == dist.rank():
+                        self.master[i] = self.undo[i]
+                        layer.scores.copy_(self.master[i].to(layer.scores.device, layer.scores.dtype))
+            layer.judged_assignment, layer.judge_sums = None, None
+        self.undo.clear()
+        return undone, standing
+
+    @torch.no_grad()
     def step(self, step: int, grad_scale: float = 1.0) -> dict[str, float]:
         """One update at optimizer step `step` (0-based, the schedule's clock). Returns what it did:
         lr, skipped (1 on a non-finite gradient), step_scale (mean alpha of the flip bound over the
-        layers), grad_norm (of the mean gradient over every layer)."""
+        layers), grad_norm (of the mean gradient over every layer), undone (layers whose last flips
+        the flip check took back)."""
         lr = self.schedule.at(step)
-        out = {"lr": lr, "skipped": 0.0, "step_scale": 1.0, "grad_norm": 0.0}
+        out = {"lr": lr, "skipped": 0.0, "step_scale": 1.0, "grad_norm": 0.0, "undone": 0.0}
+        standing = None
+        if self.flip_check:
+            undone, standing = self.judge_flips()
+            out["undone"] = float(len(undone))
         if lr == 0.0:                               # settled: nothing moves, no communication
             self.zero_grad()
             return out
@@ -225,6 +273,7 @@ class ScoreOptimizer:
         bc1, bc2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
         owned = set(self.owned())
         alphas = torch.zeros(len(self.layers), dtype=torch.float64)
+        flips = torch.zeros(len(self.layers), dtype=torch.float64)   # the flip check's: owners fill them
         for i, layer in enumerate(self.layers):
             owner = dist.owner_of(i)
             with dist.gathered([layer.scores], modifier_rank=owner):
@@ -241,23 +290,39 @@ class ScoreOptimizer:
                 v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
                 delta = -lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
                 bound = self.max_flips(layer)
+                # the assignment the step starts from (a flip check may just have put it back)
+                current = (layer.hard_assignment() if standing is None else standing[i]).cpu()
+                if self.flip_check:
+                    self.undo[i] = self.master[i]
                 if bound is None:
                     self.master[i] = self.master[i] + delta
                     alphas[i] = 1.0
+                    if self.flip_check:
+                        flips[i] = count_flips(current, assign_by_score(self.master[i], layer.spec.column_capacities,
+                                                                        layer.refine_rounds))
                 else:
-                    current = layer.hard_assignment().cpu()
-                    self.master[i], alphas[i], _ = bounded_step(
+                    self.master[i], alphas[i], flips[i] = bounded_step(
                         self.master[i], delta, current, layer.spec.column_capacities, bound, layer.refine_rounds,
                         preference=-g)
                 # copy_ on the parameter (not .data) bumps its version: the layer's rounding cache sees it
                 layer.scores.copy_(self.master[i].to(layer.scores.device, layer.scores.dtype))
         out["step_scale"] = float(dist.all_reduce_sum(alphas).mean())
+        if self.flip_check:      # the layers that moved are judged on the next step's batches
+            flips = dist.all_reduce_sum(flips)
+            for i, layer in enumerate(self.layers):
+                if flips[i] > 0:
+                    layer.judged_assignment = standing[i].clone()
+                elif i in self.undo:
+                    del self.undo[i]
         return out
 
     # ------------------------------------------------------------------ checkpoints (per rank)
     def state_dict(self) -> dict:
+        # judged: the flips waiting for the next step's verdict (every rank holds every layer's)
         return {"t": self.t, "master": dict(self.master), "exp_avg": dict(self.exp_avg),
-                "exp_avg_sq": dict(self.exp_avg_sq)}
+                "exp_avg_sq": dict(self.exp_avg_sq), "undo": dict(self.undo),
+                "judged": {i: layer.judged_assignment.cpu().clone() for i, layer in enumerate(self.layers)
+                           if layer.judged_assignment is not None}}
 
     def load_state_dict(self, state: dict | None) -> None:
         if not state:
@@ -266,3 +331,8 @@ class ScoreOptimizer:
         self.master = {int(k): v.float().clone() for k, v in state["master"].items()}
         self.exp_avg = {int(k): v.float().clone() for k, v in state["exp_avg"].items()}
         self.exp_avg_sq = {int(k): v.float().clone() for k, v in state["exp_avg_sq"].items()}
+        self.undo = {int(k): v.float().clone() for k, v in state.get("undo", {}).items()}
+        judged = state.get("judged", {})
+        for i, layer in enumerate(self.layers):
+            layer.judged_assignment = judged[i].clone() if i in judged else None
+            layer.judge_sums = None

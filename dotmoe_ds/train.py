@@ -80,7 +80,7 @@ RESUME_KEYS = ("model", "data", "eval_data", "eval_fraction", "seq_len", "batch_
                "beta", "router_init", "router_logit_std", "calib_tokens", "assigner", "routing_ste",
                "kd_weight", "kd_temperature", "lb_weight", "z_weight", "tau_start", "tau_end", "tau_schedule",
                "trainable", "scores_lr_scale", "router_lr_scale", "weights_lr_scale", "steps", "seed",
-               "recon_weight", "scores_lr_schedule", "scores_settle_frac", "max_flip_frac", "teacher")
+               "recon_weight", "scores_lr_schedule", "scores_settle_frac", "max_flip_frac", "teacher", "flip_check")
 
 
 # ====================================================================== preflight
@@ -591,7 +591,8 @@ def train_loop(engine, layers: list[DotMoEFFN], plan: Plan, packed: PackedData, 
         betas = plan.ds_raw["optimizer"]["params"].get("betas", (0.9, 0.95))
         score_opt = ScoreOptimizer(layers, ScoreSchedule(base_lr * o.scores_lr_scale, t.steps, o.scores_lr_schedule,
                                                          o.scores_settle_frac),
-                                   betas=betas, max_flip_frac=o.max_flip_frac)
+                                   betas=betas, max_flip_frac=o.max_flip_frac,
+                                   flip_check=o.flip_check == "recon")
         score_opt.load_state_dict(state.score_opt)
     ckpt_dir = checkpoint_dir(plan.output)
     while state.step < t.steps:
@@ -629,6 +630,8 @@ def train_loop(engine, layers: list[DotMoEFFN], plan: Plan, packed: PackedData, 
             assign_scalars = flip_scalars(layers, before, state.initial_assignment)
             assign_scalars.update({"assign/scores_lr": done["lr"], "assign/step_scale": done["step_scale"],
                                    "assign/scores_grad_norm": done["grad_norm"], "assign/skipped": done["skipped"]})
+            if score_opt.flip_check:
+                assign_scalars["assign/undone_layers"] = done["undone"]
         state.step += 1
         lb, z = aux.take()
         recon = aux.take_recon()

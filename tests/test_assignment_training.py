@@ -62,3 +62,23 @@ def test_gradient_checkpointing_changes_nothing_with_recon_and_learned_scores(ti
         a, b = ([e.value for e in runs[gc].Scalars(tag)] for gc in (False, True))
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7), tag
     assert sum(e.value for e in runs[True].Scalars("assign/flips")) > 0
+
+
+def test_flip_check_judges_flips_without_changing_anything_before_its_verdict(tiny, tmp_path):
+    """--flip_check recon: every step logs how many layers' flips it took back; up to the first verdict
+    (the step after the first flips) the run is the unchecked run exactly (the judging forward is
+    gradient-free); and once the assignment settles nothing is left to judge."""
+    plain = _run(tiny, tmp_path / "plain")
+    checked = _run(tiny, tmp_path / "checked", "--flip_check", "recon")
+    values = lambda tb, tag: [e.value for e in tb.Scalars(tag)]   # noqa: E731
+    undone = values(checked, "assign/undone_layers")
+    assert len(undone) == STEPS and all(u in (0.0, 1.0, 2.0) for u in undone)
+    flips = values(plain, "assign/flips")
+    first = next(i for i, f in enumerate(flips) if f > 0)          # index of the first step that flipped
+    assert first < STEPS - 3
+    n = first + 2                                                   # through the first verdict's step
+    assert values(checked, "loss/total")[:n] == pytest.approx(values(plain, "loss/total")[:n], rel=1e-6)
+    assert values(checked, "assign/flips")[:first + 1] == flips[:first + 1]
+    assert undone[:first + 1] == [0.0] * (first + 1)
+    settle = round(0.75 * STEPS)                                   # first step with scores lr 0 (0-based)
+    assert undone[settle + 1:] == [0.0] * (STEPS - settle - 1)

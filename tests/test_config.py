@@ -55,6 +55,8 @@ def test_values_are_converted_to_the_field_types():
     (["--method", "random", "--partition", "kmeans"], "--method random keeps a random partition"),
     (["--tau_end", "0"], "--tau_end must be positive"),
     (["--resume=maybe"], "--resume is a switch"),
+    (["--flip_check", "loss"], "--flip_check must be one of none, recon"),
+    (["--recipe", "none", "--flip_check", "recon", "--recon_weight", "0"], "pass --recon_weight > 0"),
 ])
 def test_bad_flags_name_the_problem(argv, needle):
     with pytest.raises(ConfigError) as err:

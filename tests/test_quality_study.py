@@ -63,6 +63,7 @@ def test_every_run_parses_and_shares_the_budget(study, setting):
     assert differing("dot_frozen_50", "dot_50") == {"scores_lr_scale": 0.0}
     assert differing("dot_random_frozen_50", "dot_random_init_50") == {"scores_lr_scale": 0.0}
     assert differing("dot_50_s1", "dot_50") == {"seed": 1}
+    assert differing("dot_checked_50", "dot_50") == {"flip_check": "recon"}
 
 
 def _ev(ppl, cloze, accs, active=100, fraction=1.0):

@@ -164,3 +164,110 @@ def test_state_dict_round_trip_continues_identically():
             layer.last_recon.backward()
             opt.step(step)
     assert torch.equal(a.scores, b.scores)
+
+
+# ---------------------------------------------------------------------- the flip check
+
+def _hard_recon(layer, x, assign):
+    """The layer's relative reconstruction error with `assign` as its hard assignment, computed apart."""
+    with torch.no_grad():
+        h = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x)
+        probs = torch.softmax(layer.router(x), -1)
+        top_p, top_i = probs.topk(layer.spec.top_k, -1)
+        g = torch.zeros_like(probs).scatter(-1, top_i, layer.spec.top_k * top_p / top_p.sum(-1, keepdim=True))
+        y, dense = layer.down_proj(h * g[:, assign]), layer.down_proj(h)
+        return float((((y - dense) ** 2).sum(-1) / (dense ** 2).sum(-1)).mean())
+
+
+def test_layer_judges_the_same_forward_under_the_judged_assignment():
+    target, start = _target_and_start()
+    layer = _grouped_layer(target, start)
+    x = _tokens()
+    layer.judged_assignment = target
+    for _ in range(2):                                   # sums over the forwards of a step
+        layer(x)
+    now, before, forwards = layer.judge_sums.tolist()
+    assert forwards == 2
+    assert now == pytest.approx(2 * _hard_recon(layer, x, start), rel=1e-5) and now > 0.3
+    assert before == pytest.approx(2 * _hard_recon(layer, x, target), abs=1e-9)   # the optimum: 0
+    layer.judged_assignment, layer.judge_sums = None, None
+    layer(x)
+    assert layer.judge_sums is None                      # nothing under judgement: no extra work
+
+
+def test_flip_check_takes_back_flips_that_raised_the_error_and_keeps_the_others():
+    target, _ = _target_and_start()
+    layer = _grouped_layer(target, target)               # starts at the optimum (error 0)
+    opt = ScoreOptimizer([layer], ScoreSchedule(lr=0.8, steps=10, schedule="constant", settle_frac=1.0),
+                         flip_check=True)
+    scores_before = layer.scores.detach().clone()
+    # a gradient that asks every neuron to move one expert on: its flips can only raise the error
+    away = (target + 1) % E
+    layer.score_grad = F.one_hot(target, E).float() - F.one_hot(away, E).float()
+    opt.step(0)
+    moved = layer.hard_assignment().clone()
+    assert count_flips(target, moved) > 0 and torch.equal(layer.judged_assignment, target)
+    layer(_tokens())                                     # the next step's forward measures both
+    undone, standing = opt.judge_flips()
+    assert undone == [0] and torch.equal(standing[0], target)
+    assert torch.equal(layer.scores, scores_before) and torch.equal(layer.hard_assignment(), target)
+    assert layer.judged_assignment is None and layer.judge_sums is None
+    # from a start away from the optimum, the recon gradient's own flips lower the error: all kept
+    _, start = _target_and_start()
+    layer = _grouped_layer(target, start)
+    opt = ScoreOptimizer([layer], ScoreSchedule(lr=0.5, steps=10, schedule="constant", settle_frac=1.0),
+                         flip_check=True)
+    x, kept = _tokens(), 0
+    for step in range(6):
+        layer(x)
+        layer.last_recon.backward()
+        out = opt.step(step)
+        kept += out["undone"] == 0
+    assert kept >= 5 and _hard_recon(layer, x, layer.hard_assignment()) < _hard_recon(layer, x, start)
+
+
+def test_flip_check_still_reaches_the_known_best_partition():
+    target, start = _target_and_start()
+    layer = _grouped_layer(target, start)
+    opt = ScoreOptimizer([layer], ScoreSchedule(lr=0.2, steps=60, settle_frac=0.8), flip_check=True)
+    x, errors = _tokens(), []
+    for step in range(60):
+        layer(x)
+        errors.append(layer.last_recon.item())
+        layer.last_recon.backward()
+        opt.step(step)
+    assert torch.equal(layer.hard_assignment(), target) and errors[-1] < 1e-12
+    assert layer.judged_assignment is None               # the last flips were judged before it settled
+
+
+def test_flip_check_needs_the_reconstruction_error():
+    target, start = _target_and_start()
+    layer = _grouped_layer(target, start)
+    layer.recon = False
+    with pytest.raises(ValueError, match="recon"):
+        ScoreOptimizer([layer], ScoreSchedule(lr=0.1, steps=1), flip_check=True)
+
+
+def test_state_dict_keeps_the_flips_under_judgement():
+    target, start = _target_and_start()
+    a, b = _grouped_layer(target, start), _grouped_layer(target, start)
+    sched = ScoreSchedule(lr=0.3, steps=12, settle_frac=1.0)
+    opt_a = ScoreOptimizer([a], sched, flip_check=True)
+    x, step = _tokens(), 0
+    while a.judged_assignment is None:                   # until a checkpoint would hold flips to judge
+        a(x)
+        a.last_recon.backward()
+        opt_a.step(step)
+        step += 1
+    assert step < 6
+    with torch.no_grad():
+        b.scores.copy_(a.scores)
+    opt_b = ScoreOptimizer([b], sched, flip_check=True)
+    opt_b.load_state_dict(opt_a.state_dict())
+    assert torch.equal(b.judged_assignment, a.judged_assignment)
+    for step in range(step, step + 4):
+        for layer, opt in ((a, opt_a), (b, opt_b)):
+            layer(x)
+            layer.last_recon.backward()
+            opt.step(step)
+    assert torch.equal(a.scores, b.scores)

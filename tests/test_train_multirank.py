@@ -413,3 +413,28 @@ def test_zero3_frozen_original_ffn_is_the_teacher_and_survives_a_resume(setup, r
         [l for _, l in _client_state(whole, 6)["losses"]], rel=1e-6, abs=1e-6)
     assert got["dense"]["perplexity"] == pytest.approx(res["dense"]["perplexity"], rel=1e-6)
     assert got["converted"]["perplexity"] == pytest.approx(res["converted"]["perplexity"], rel=1e-5)
+
+
+def test_flip_check_on_two_ranks_resumes_with_the_flips_under_judgement(setup):
+    """--flip_check recon on 2 ZeRO-3 ranks: the ranks' reconstruction sums are all-reduced (both ranks
+    take the same verdicts, or the run would deadlock or diverge), a run stopped at step 4 with flips
+    still to be judged (held in every rank's checkpoint) ends where the uninterrupted run ends."""
+    from dotmoe_ds.checkpoint import _rank_file
+
+    flags = {"trainable": "ffn", "kd_weight": 1, "recon_weight": 1, "steps": 8, "partition": "random",
+             "beta": 0.5, "scores_lr_scale": 30, "max_flip_frac": 0.1, "flip_check": "recon"}
+    whole = setup / "checked_whole"
+    rc, log = _finish(_launch(_with(_args(setup, whole), **flags), setup))
+    assert rc == 0, log[-3000:]
+    split = setup / "checked_split"
+    rc, log = _finish(_launch(_with(_args(setup, split), **flags, stop_at_step=4), setup))
+    assert rc == 75, log[-3000:]
+    for rank in range(2):
+        state = torch.load(_rank_file(split / "checkpoints" / "step00000004", rank), weights_only=False)
+        assert state["scores_opt"]["judged"], "the stop should fall while flips wait for their verdict"
+    rc, log = _finish(_launch(_with(_args(setup, split, "--resume"), **flags), setup))
+    assert rc == 0, log[-3000:]
+    assert [l for _, l in _client_state(split, 8)["losses"]] == pytest.approx(
+        [l for _, l in _client_state(whole, 8)["losses"]], rel=1e-6, abs=1e-6)
+    got, res = (json.loads((d / "results.json").read_text()) for d in (split, whole))
+    assert got["converted"]["perplexity"] == pytest.approx(res["converted"]["perplexity"], rel=1e-5)
