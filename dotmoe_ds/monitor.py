@@ -224,6 +224,34 @@ def read_trace(run: str | Path, prefixes: Sequence[str] = TRACE_TAGS) -> dict[st
     return {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags}
 
 
+def compare_runs(values: dict[str, dict[int, float]], window: int = 50) -> str:
+    """Paired runs (the same seed: the same batches in the same order) side by side on one scalar:
+    its mean per window of `window` steps over the steps every run logged, and in how many of
+    those steps each run was the lowest. `values`: {run name: {step: value}}."""
+    names = list(values)
+    common = sorted(set.intersection(*(set(v) for v in values.values()))) if values else []
+    if not common:
+        return "no step logged by every run"
+    window = max(int(window), 1)
+    lines = ["| steps | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for start in range(common[0], common[-1] + 1, window):
+        steps = [s for s in common if start <= s < start + window]
+        if steps:
+            means = [sum(values[n][s] for s in steps) / len(steps) for n in names]
+            lines.append(f"| {steps[0]}-{steps[-1]} | " + " | ".join(f"{m:.4f}" for m in means) + " |")
+    means = [sum(values[n][s] for s in common) / len(common) for n in names]
+    lines.append(f"| all {len(common)} | " + " | ".join(f"{m:.4f}" for m in means) + " |")
+    lowest = []                                  # the run strictly lowest at each step (None: a tie)
+    for s in common:
+        best = min(values[n][s] for n in names)
+        at = [n for n in names if values[n][s] == best]
+        lowest.append(at[0] if len(at) == 1 else None)
+    lines.append("| lowest at | " + " | ".join(f"{lowest.count(n)} steps" for n in names) + " |")
+    if None in lowest:
+        lines.append(f"\n{lowest.count(None)} steps tied for the lowest value.")
+    return "\n".join(lines)
+
+
 def format_trace(trace: dict[str, dict[int, float]], every: int = 5) -> str:
     """The trace as a text table: every `every`-th logged step and the last."""
     every = max(int(every), 1)

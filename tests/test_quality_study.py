@@ -189,3 +189,17 @@ def test_trace_table_round_trips_tensorboard_events(tmp_path):
     lines = format_trace(trace, every=3).splitlines()
     assert [int(ln.split()[0]) for ln in lines[1:]] == [1, 4, 7]
     assert lines[0].split()[1:] == ["total", "flips"] or lines[0].split()[1:] == ["flips", "total"]
+
+
+def test_compare_runs_states_window_means_and_who_is_lowest():
+    from dotmoe_ds.monitor import compare_runs
+
+    a = {s: 1.0 for s in range(1, 11)}
+    b = {s: (0.5 if s <= 4 else 2.0) for s in range(1, 11)}
+    b[11] = 0.0                                            # logged by one run only: left out
+    b[5] = 1.0                                             # a tie: nobody's
+    lines = compare_runs({"a": a, "b": b}, window=5).splitlines()
+    assert lines[2] == "| 1-5 | 1.0000 | 0.6000 |" and lines[3] == "| 6-10 | 1.0000 | 2.0000 |"
+    assert lines[4] == "| all 10 | 1.0000 | 1.3000 |" and lines[5] == "| lowest at | 5 steps | 4 steps |"
+    assert lines[-1] == "1 steps tied for the lowest value."
+

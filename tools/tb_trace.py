@@ -4,6 +4,11 @@
     .venv/bin/python tools/tb_trace.py runs/demo --every 10 --tags loss/,assign/flips
 
 Columns: the run-level scalars whose tag starts with one of --tags (per-layer tags are left out).
+
+    .venv/bin/python tools/tb_trace.py --compare runs/a,runs/b --tag loss/total --window 50
+
+compares paired runs (same seed: same batches) on one scalar: its mean per window of steps, and how
+many steps each run was the lowest (monitor.compare_runs).
 """
 from __future__ import annotations
 
@@ -13,11 +18,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dotmoe_ds.monitor import TRACE_TAGS, events_dir, format_trace, read_trace  # noqa: E402
+from dotmoe_ds.monitor import TRACE_TAGS, compare_runs, events_dir, format_trace, read_trace  # noqa: E402
 
 
-def main(run: str = "", every: int = 5, tags: str = ",".join(TRACE_TAGS)) -> None:
-    """RUN: the trainer's OUTPUT folder (or its tensorboard/dotmoe folder)."""
+def main(run: str = "", every: int = 5, tags: str = ",".join(TRACE_TAGS), compare: str = "",
+         tag: str = "loss/total", window: int = 50) -> None:
+    """RUN: the trainer's OUTPUT folder (or its tensorboard/dotmoe folder); or --compare RUN,RUN,..."""
+    if compare:
+        runs = [r for r in str(compare).split(",") if r]
+        missing = [r for r in runs if not events_dir(r).is_dir()]
+        if len(runs) < 2 or missing:
+            raise SystemExit(f"tb_trace: --compare needs two or more run folders with TensorBoard events; "
+                             f"missing: {', '.join(missing) or '-'}")
+        values = {Path(r).name: read_trace(r, [tag]).get(tag) for r in runs}
+        absent = [n for n, v in values.items() if not v]
+        if absent:
+            raise SystemExit(f"tb_trace: {', '.join(absent)} logged no scalar {tag!r}")
+        print(compare_runs(values, window))
+        return
     if not run or not events_dir(run).is_dir():
         raise SystemExit(f"tb_trace: no TensorBoard folder at {events_dir(run or '.')} (pass a run folder)")
     trace = read_trace(run, [p for p in str(tags).split(",") if p])
