@@ -138,7 +138,7 @@ class DotMoEFFN(nn.Module):
         self.score_grad: Tensor | None = None      # collected gradient of the scores (learn_scores)
         self.last_assignment: Tensor | None = None   # hard assignment of the last forward (monitoring)
         self.judged_assignment: Tensor | None = None  # before the last flips, under the flip check
-        self.judge_sums: Tensor | None = None         # float64 [error now, error judged, forwards]
+        self.judge_sums: Tensor | None = None         # float64 [error now, error judged, forwards], on device
         self._hard_cache: tuple[tuple, Tensor] | None = None
         # Set by the trainer when it rounded this layer elsewhere (layer-parallel, see
         # pin_hard_assignment); wins over the cache until unpinned.
@@ -276,8 +276,9 @@ class DotMoEFFN(nn.Module):
         A forward recomputed in the backward (gradient checkpointing) adds to both sums alike: the
         verdict (which sum is larger) is the same."""
         before = self.down_proj(h * g[..., self.judged_assignment.to(g.device)].to(h.dtype))
-        row = torch.tensor([float(self.last_recon), float(relative_reconstruction_error(before, dense)), 1.0],
-                           dtype=torch.float64)
+        # kept on the device (no sync per layer); the ScoreOptimizer reads the sums once per step
+        row = torch.stack([self.last_recon.detach(), relative_reconstruction_error(before, dense),
+                           torch.ones_like(self.last_recon)]).double()
         self.judge_sums = row if self.judge_sums is None else self.judge_sums + row
 
     # ------------------------------------------------------------------ export

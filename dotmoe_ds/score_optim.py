@@ -229,7 +229,7 @@ class ScoreOptimizer:
         sums = torch.zeros(len(self.layers), 3, dtype=torch.float64)
         for i in pending:
             if self.layers[i].judge_sums is not None:
-                sums[i] = self.layers[i].judge_sums
+                sums[i] = self.layers[i].judge_sums.cpu()
         sums = dist.all_reduce_sum(sums)             # every rank: the same sums over the same forwards
         undone = []
         for i in pending:
