@@ -290,8 +290,9 @@ class ScoreOptimizer:
                 v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
                 delta = -lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
                 bound = self.max_flips(layer)
-                # the assignment the step starts from (a flip check may just have put it back)
-                current = (layer.hard_assignment() if standing is None else standing[i]).cpu()
+                if bound is not None or self.flip_check:
+                    # the assignment the step starts from (a flip check may just have put it back)
+                    current = (layer.hard_assignment() if standing is None else standing[i]).cpu()
                 if self.flip_check:
                     self.undo[i] = self.master[i]
                 if bound is None:

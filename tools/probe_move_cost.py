@@ -34,15 +34,21 @@ from dotmoe_ds.spec import MoESpec  # noqa: E402
 AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
 
 
+@torch.no_grad()
+def layer_terms(layer: DotMoEFFN, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(activations h [T, d_ff], gates per column G [T, E'] (the shared column 1), dense output [T, d])."""
+    h = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x)
+    gates = layer.gates(x)
+    G = torch.cat([gates, torch.ones_like(gates[:, :1])], 1) if layer.spec.has_shared else gates
+    return h, G, layer.down_proj(h)
+
+
 def move_costs(layer: DotMoEFFN, x: torch.Tensor, assign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(exact, first-order) change of the layer's relative reconstruction error on tokens `x` for every
     single move: [d_ff, E'] (0 in the neuron's own column)."""
     with torch.no_grad():
-        h = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x)
-        gates = layer.gates(x)
-        G = torch.cat([gates, torch.ones_like(gates[:, :1])], 1) if layer.spec.has_shared else gates
+        h, G, dense = layer_terms(layer, x)
         wd = layer.down_proj.weight
-        dense = layer.down_proj(h)
         r = layer.down_proj(h * G[:, assign]) - dense
         den = dense.pow(2).sum(-1)
         den = torch.maximum(den, RECON_FLOOR * den.mean())
@@ -88,10 +94,7 @@ def probe_layer(model, idx: int, cal_ids, next_ids) -> list[str]:
     moved = assign.clone()
     moved[n] = (assign[n] + 1) % 16
     with torch.no_grad():
-        h = layer.act_fn(layer.gate_proj(xb)) * layer.up_proj(xb)
-        gates = layer.gates(xb)
-        G = torch.cat([gates, torch.ones_like(gates[:, :1])], 1)
-        dense = layer.down_proj(h)
+        h, G, dense = layer_terms(layer, xb)
         redo = float(relative_reconstruction_error(layer.down_proj(h * G[:, moved]), dense)
                      - relative_reconstruction_error(layer.down_proj(h * G[:, assign]), dense))
     assert abs(redo - float(exact[n, moved[n]])) <= 1e-3 * abs(redo) + 1e-9, (redo, float(exact[n, moved[n]]))

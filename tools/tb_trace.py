@@ -25,7 +25,9 @@ def main(run: str = "", every: int = 5, tags: str = ",".join(TRACE_TAGS), compar
          tag: str = "loss/total", window: int = 50) -> None:
     """RUN: the trainer's OUTPUT folder (or its tensorboard/dotmoe folder); or --compare RUN,RUN,..."""
     if compare:
-        runs = [r for r in str(compare).split(",") if r]
+        # fire hands `a,b` over as a tuple when the names parse as Python literals
+        runs = list(compare) if isinstance(compare, (tuple, list)) else [r for r in str(compare).split(",") if r]
+        runs = [str(r) for r in runs]
         missing = [r for r in runs if not events_dir(r).is_dir()]
         if len(runs) < 2 or missing:
             raise SystemExit(f"tb_trace: --compare needs two or more run folders with TensorBoard events; "
