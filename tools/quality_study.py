@@ -36,16 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dotmoe_ds.baselines import describe_methods  # noqa: E402  (the registry of methods and ablations)
+from dotmoe_ds.benchmarks import TASKS, retention  # noqa: E402
 from dotmoe_ds.checkpoint import EXIT_REQUEUE, checkpoint_dir, resume_candidates  # noqa: E402
 from dotmoe_ds.corpora import AUSTEN_CALIBRATION as CALIBRATION_BOOKS  # noqa: E402
 from dotmoe_ds.corpora import AUSTEN_HELDOUT as HELDOUT_BOOKS, prepare_mix  # noqa: E402
 from dotmoe_ds.monitor import format_trace, read_trace  # noqa: E402
 
 BENCHMARK_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada")
-# Accuracy of guessing uniformly among the choices (ARC: nearly every item has 4; BoolQ's majority
-# class is ~62%, but chance is what "above chance" measures against); LAMBADA is open-vocabulary.
-CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "piqa": 0.5, "winogrande": 0.5,
-          "boolq": 0.5, "lambada": 0.0}
+CHANCE = {t: TASKS[t].chance for t in BENCHMARK_TASKS}
 CLOZE_CHANCE = 0.25
 
 
@@ -328,6 +326,12 @@ def _row(run: Run, res: dict | None, ev: dict, dense_ev: dict, s: Setting, devic
                     "bench_retention": bench["average"] / dense_bench["average"],
                     "bench_retention_above_chance": (bench["average"] - bench["chance"])
                     / (dense_bench["average"] - dense_bench["chance"])})
+        # the tasks on which the dense model is clear of chance (benchmarks.informative_tasks)
+        informative = retention(ev["benchmarks"]["tasks"], dense_ev["benchmarks"]["tasks"]).get("informative")
+        if informative:
+            row.update({"bench_informative_tasks": informative["tasks"],
+                        "bench_average_informative": informative["average"],
+                        "bench_retention_informative": informative["retention"]})
     if domains and dense_domains:
         row["domain_perplexity"] = {d: v["perplexity"] for d, v in domains.get("perplexity_by_domain", {}).items()}
         row["domain_ppl_retention"] = {d: dense_domains["perplexity_by_domain"][d]["perplexity"] / v
@@ -357,6 +361,7 @@ def _pct(x: float | None) -> str:
 # The measures the seed summary states: (name in the table, how a row gives it).
 SEED_MEASURES = (("Austen ppl", lambda r: r.get("perplexity")),
                  ("bench avg", lambda r: r.get("bench_average")),
+                 ("bench avg, informative tasks", lambda r: r.get("bench_average_informative")),
                  ("cloze acc", lambda r: r.get("cloze_accuracy")),
                  ("mix ppl", lambda r: r.get("mix_perplexity")))
 
@@ -396,7 +401,7 @@ def _seed_table(summary: list[dict]) -> str:
         cells = []
         for n in names:
             m = e["measures"].get(n)
-            pct = n in ("bench avg", "cloze acc")
+            pct = n.startswith("bench avg") or n == "cloze acc"
             fmt = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.2f}")
             cells.append("-" if m is None else f"{fmt(m['mean'])} ± {fmt(m['spread'] / 2)}")
         lines.append(f"| {e['method']} | {e['budget']}% | {', '.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
@@ -409,7 +414,8 @@ def write_table(rows: list[dict], s: Setting, path: Path, eval_info: dict) -> No
     domains = sorted({d for r in rows for d in r.get("domain_perplexity", {})} - {"austen"})
     head = ("| run | budget | seed | active / total params | active FFN | Austen ppl | ppl retention | "
             + "".join(f"{d} ppl | " for d in domains) + ("mix ppl | " if domains else "")
-            + "bench avg | bench retention | above chance | cloze acc | cloze ret. above chance | wall time |")
+            + "bench avg | bench retention | above chance | bench avg, informative tasks | its retention "
+            + "| cloze acc | cloze ret. above chance | wall time |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         wall = "-" if r["wall_seconds"] is None else f"{r['wall_seconds'] / 60:.0f} min"
@@ -423,6 +429,7 @@ def write_table(rows: list[dict], s: Setting, path: Path, eval_info: dict) -> No
                      f"| {r['active_ffn_fraction']:.0%} | {r['perplexity']:.2f} | {_pct(r['ppl_retention'])} | {dom}"
                      f"{'-' if r.get('bench_average') is None else format(r['bench_average'], '.1%')} "
                      f"| {_pct(r.get('bench_retention'))} | {_pct(r.get('bench_retention_above_chance'))} "
+                     f"| {_pct(r.get('bench_average_informative'))} | {_pct(r.get('bench_retention_informative'))} "
                      f"| {cloze} | {_pct(r.get('cloze_retention_above_chance'))} | {wall} |")
     tasks = [t for t in BENCHMARK_TASKS if any(t in r.get("bench_tasks", {}) for r in rows)]
     per_task = ""
@@ -435,6 +442,12 @@ def write_table(rows: list[dict], s: Setting, path: Path, eval_info: dict) -> No
         n = next(r["bench_n"] for r in rows if r.get("bench_n"))
         per_task = ("\n\nBenchmark accuracy per task (items per task: "
                     + ", ".join(f"{t} {n[t]}" for t in tasks) + ")\n\n" + "\n".join(tl))
+        used = next((r["bench_informative_tasks"] for r in rows if r.get("bench_informative_tasks")), None)
+        if used is not None:
+            left = [t for t in tasks if t not in used]
+            per_task += ("\n\n'bench avg, informative tasks' averages the tasks on which the dense model scores "
+                         "above chance by more than two standard errors" + (f" (leaves out {', '.join(left)})" if left else " (all of them)")
+                         + "; 'its retention' divides by the dense model's average over the same tasks.")
     path.write_text(f"# Quality study ({s.name} setting)\n\n" + "\n".join(lines) + per_task
                     + _seed_table(seed_summary(rows)) + f"\n\n{eval_info['text']}\n")
 
