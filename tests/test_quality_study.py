@@ -49,7 +49,7 @@ def test_every_run_parses_and_shares_the_budget(study, setting):
     for b in s.budgets:
         assert {"dot", "prune"} <= {r.method for r in trained if r.budget == b.name}
     # Two seeds for DOT, its frozen control and pruning (the noise the table states).
-    for m in ("dot", "dot_frozen", "prune"):
+    for m in ("dot", "dot_frozen", "prune", "dot_checked"):
         assert {r.seed for r in trained if r.method == m and r.budget == s.budgets[0].name} == set(s.seeds)
     by_name = {r.name: r for r in trained}
 
@@ -64,6 +64,8 @@ def test_every_run_parses_and_shares_the_budget(study, setting):
     assert differing("dot_random_frozen_50", "dot_random_init_50") == {"scores_lr_scale": 0.0}
     assert differing("dot_50_s1", "dot_50") == {"seed": 1}
     assert differing("dot_checked_50", "dot_50") == {"flip_check": "recon"}
+    assert differing("dot_checked_50_s1", "dot_50_s1") == {"flip_check": "recon"}
+    assert names[-1] == "dot_checked_50_s1"       # added last: the rows come first
 
 
 def _ev(ppl, cloze, accs, active=100, fraction=1.0):

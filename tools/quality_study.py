@@ -179,6 +179,10 @@ def plan_runs(s: Setting) -> list[Run]:
     plan += [("random", head, seed0), ("dot_random_init", head, seed0), ("dot_random_frozen", head, seed0)]
     plan += [(m, head, seed0) for m in ("dot_no_sinkhorn", "dot_no_routing_ste")]
     plan += [(m, b, seed0) for b in more for m in ("dot", "prune")]
+    # Added in session 8: seed 0 of the flip check had the lowest next-token loss on the (fresh) training
+    # batches of the three DOT variants, while its total loss tied the frozen start's (README); a second
+    # seed decides whether it replaces the frozen start in the recipe.
+    plan += [("dot_checked", head, seed) for seed in other_seeds]
     runs = [Run("dense", "dense", "")]
     for method, budget, seed in plan:
         name = f"{method}_{budget.name}" + (f"_s{seed}" if seed != seed0 else "")
