@@ -452,14 +452,16 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
             total += layers * count * numel * dtype_bytes / (world if sharded else 1)
         return total
 
-    weights = resident(layer_tensors, L, a) + resident(other_tensors, 1, a)
-    if z3 and ds.offload_param != "none":
-        weights = resident([(n, c) for n, c in layer_tensors if n < persist], L, a) + resident(
-            [(n, c) for n, c in other_tensors if n < persist], 1, a)
+    def on_device(tensors, layers, dtype_bytes):
+        """`resident`, less what ZeRO-3's parameter offload keeps in CPU memory: all but the persistent
+        (small, unsharded) tensors."""
+        if z3 and ds.offload_param != "none":
+            tensors = [(n, c) for n, c in tensors if n < persist]
+        return resident(tensors, layers, dtype_bytes)
+
+    weights = on_device(layer_tensors, L, a) + on_device(other_tensors, 1, a)
     dot_params = resident(dot_tensors[:1], L, 4) + resident(dot_tensors[1:], L, a) if columns else 0.0
-    reference = resident(reference_tensors, L, a)
-    if z3 and ds.offload_param != "none":
-        reference = 0.0
+    reference = on_device(reference_tensors, L, a)
 
     terms: list[MemoryTerm] = []
     more_gpus = ("use more GPUs (nodes), ZeRO-3, or offload the parameters to CPU "

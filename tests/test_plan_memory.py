@@ -168,6 +168,18 @@ def test_offload_moves_weights_and_optimizer_off_the_gpu():
     assert off.term("gathered params (ZeRO-3)").bytes == on.term("gathered params (ZeRO-3)").bytes
 
 
+def test_offload_keeps_persistent_tensors_of_the_frozen_ffn_copy_on_the_gpu():
+    kw = dict(nodes=1, gpus_per_node=2, gpu_memory_gb=1, num_experts=4, top_k=2, seq_len=32, trainable="ffn",
+              teacher="original")
+    zero = dict(SMALL_DS["zero_optimization"], offload_param={"device": "cpu"})
+    # d x f = 64 x 128 = 8192 elements per FFN matrix: sharded and offloaded at threshold 100, persistent at 10000
+    small = pm.plan_memory(SMALL, ds_config={**SMALL_DS, "zero_optimization": zero}, **kw)
+    assert small.term("frozen FFN copy (teacher)").bytes == 0
+    persistent = dict(zero, stage3_param_persistence_threshold=10000)
+    big = pm.plan_memory(SMALL, ds_config={**SMALL_DS, "zero_optimization": persistent}, **kw)
+    assert big.term("frozen FFN copy (teacher)").bytes == 2 * 3 * 64 * 128 * 2       # layers x 3 x d x f x bf16
+
+
 def test_zero3_shards_weights_over_ranks():
     def weights(nodes):
         return pm.plan_memory("llama-3-70b", nodes=nodes, gpus_per_node=8, gpu_memory_gb=80,
