@@ -28,6 +28,7 @@ ZeRO-3 partitioned, and router loads are averaged over ranks); only rank 0 write
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -207,21 +208,52 @@ class Throughput:
 TRACE_TAGS = ("loss/", "assign/flips", "assign/moved", "assign/plan_entropy", "assign/scores_lr", "assign/undone")
 
 
+# What a run's steps.json keeps of every step: the loss terms and how much of the assignment moved.
+STEP_TAGS = ("loss/", "assign/moved", "assign/undone")
+STEPS_FILE = "steps.json"
+
+
 def events_dir(run: str | Path) -> Path:
     """The TensorBoard folder of a run folder (OUTPUT/tensorboard/dotmoe), or `run` itself."""
     run = Path(run)
     return run / "tensorboard" / "dotmoe" if (run / "tensorboard" / "dotmoe").is_dir() else run
 
 
+def has_trace(run: str | Path) -> bool:
+    """Whether `read_trace` finds something: TensorBoard events, or the run's steps.json."""
+    return any(events_dir(run).glob("events.out.tfevents.*")) or (Path(run) / STEPS_FILE).is_file()
+
+
 def read_trace(run: str | Path, prefixes: Sequence[str] = TRACE_TAGS) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} of a run's run-level scalars whose tag starts with one of `prefixes`
-    (per-layer tags left out), read back from its TensorBoard events."""
+    (per-layer tags left out), read back from its TensorBoard events; from its steps.json
+    (write_steps: STEP_TAGS only) where the events are gone, e.g. in a clone of the study's results."""
+    if not any(events_dir(run).glob("events.out.tfevents.*")) and (Path(run) / STEPS_FILE).is_file():
+        kept = json.loads((Path(run) / STEPS_FILE).read_text())
+        return {t: {int(k): v for k, v in vals.items()} for t, vals in kept.items()
+                if any(t.startswith(p) for p in prefixes)}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(events_dir(run)), size_guidance={"scalars": 0})
     acc.Reload()
     tags = [t for t in acc.Tags()["scalars"] if any(t.startswith(p) for p in prefixes) and "/layer" not in t]
     return {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags}
+
+
+def write_steps(run: str | Path) -> Path:
+    """The run's STEP_TAGS scalars of every step as RUN/steps.json (small enough to commit, unlike the
+    events with their per-layer scalars): paired runs stay comparable step by step (compare_runs)."""
+    trace = read_trace(run, STEP_TAGS)
+    path = Path(run) / STEPS_FILE
+    path.write_text(json.dumps({t: {str(k): round(v, 6) for k, v in sorted(vals.items())}
+                                for t, vals in sorted(trace.items())}) + "\n")
+    return path
+
+
+def window_mean(values: dict[int, float], first: int, last: int) -> float | None:
+    """Mean of `values` ({step: value}) over the steps first..last that were logged; None if none was."""
+    inside = [v for s, v in values.items() if first <= s <= last]
+    return sum(inside) / len(inside) if inside else None
 
 
 def compare_runs(values: dict[str, dict[int, float]], window: int = 50) -> str:

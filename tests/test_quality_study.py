@@ -217,6 +217,53 @@ def test_trace_table_round_trips_tensorboard_events(tmp_path):
     assert lines[0].split()[1:] == ["total", "flips"] or lines[0].split()[1:] == ["flips", "total"]
 
 
+def test_steps_json_keeps_the_losses_of_every_step_for_clones_without_the_events(tmp_path, capsys, monkeypatch):
+    """write_steps keeps STEP_TAGS' run-level scalars; read_trace falls back to it once the events are
+    gone, and tb_trace --compare works on such folders."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dotmoe_ds.monitor import has_trace, read_trace, write_steps
+
+    for name, offset in (("a", 0.0), ("b", 0.5)):
+        run = tmp_path / name
+        w = SummaryWriter(str(run / "tensorboard" / "dotmoe"))
+        for step in range(1, 7):
+            w.add_scalar("loss/ce", 3.0 + offset + 1.0 / step, step)
+            w.add_scalar("assign/moved", 0.01 * step, step)
+            w.add_scalar("assign/plan_entropy", 1.0, step)           # not a STEP_TAG: not kept
+            w.add_scalar("loss/ce/layer3", 9.0, step)                # per-layer: not kept
+        w.close()
+        write_steps(run)
+        before = read_trace(run, ("loss/", "assign/moved"))
+        shutil.rmtree(run / "tensorboard")
+        assert has_trace(run)
+        after = read_trace(run)
+        assert set(after) == {"loss/ce", "assign/moved"}
+        assert after["loss/ce"].keys() == before["loss/ce"].keys() == set(range(1, 7))
+        for step, v in before["loss/ce"].items():
+            assert after["loss/ce"][step] == pytest.approx(v, abs=1e-6)
+    assert not has_trace(tmp_path / "none")
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import tb_trace
+
+    tb_trace.main(compare=f"{tmp_path / 'a'},{tmp_path / 'b'}", tag="loss/ce", window=3)
+    out = capsys.readouterr().out
+    assert "| all 6 | 3.4083 | 3.9083 |" in out and "| lowest at | 6 steps | 0 steps |" in out
+
+
+def test_train_ce_of_the_last_quarter_is_a_column(study, tmp_path):
+    s = study.SETTINGS["cpu"]
+    runs = study.plan_runs(s)
+    assert study.last_quarter(s) == (151, 200)
+    ev = _ev(40.0, 0.45, {"arc_easy": 0.55})
+    steps = {"loss/ce": {str(k): (1.0 if k <= 150 else 2.0 + (k % 2)) for k in range(1, 201)}}
+    rows = [study._row(runs[0], None, ev, ev, s, "cpu"), study._row(runs[1], None, ev, ev, s, "cpu", steps=steps)]
+    assert "train_ce_last_quarter" not in rows[0] and rows[1]["train_ce_last_quarter"] == pytest.approx(2.5)
+    study.write_table(rows, s, tmp_path / "q.md", {"text": "note"})
+    table = (tmp_path / "q.md").read_text()
+    assert "| train CE 151-200 | wall time |" in table and "| 2.5000 | - |" in table
+
+
 def test_compare_runs_states_window_means_and_who_is_lowest():
     from dotmoe_ds.monitor import compare_runs
 

@@ -40,7 +40,7 @@ from dotmoe_ds.benchmarks import TASKS, retention  # noqa: E402
 from dotmoe_ds.checkpoint import EXIT_REQUEUE, checkpoint_dir, resume_candidates  # noqa: E402
 from dotmoe_ds.corpora import AUSTEN_CALIBRATION as CALIBRATION_BOOKS  # noqa: E402
 from dotmoe_ds.corpora import AUSTEN_HELDOUT as HELDOUT_BOOKS, prepare_mix  # noqa: E402
-from dotmoe_ds.monitor import format_trace, read_trace  # noqa: E402
+from dotmoe_ds.monitor import STEPS_FILE, format_trace, read_trace, window_mean, write_steps  # noqa: E402
 
 BENCHMARK_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada")
 CHANCE = {t: TASKS[t].chance for t in BENCHMARK_TASKS}
@@ -247,6 +247,7 @@ def train(run: Run, args: StudyArgs, s: Setting, data: dict[str, str], out: Path
     print(f"  trained {run.name} in {seconds:.0f} s", flush=True)
     # The loss terms and the assignment's flips, readable without the TensorBoard events (not committed).
     (out / "trace.txt").write_text(format_trace(read_trace(out), every=10) + "\n")
+    write_steps(out)        # every step's losses: paired runs compared step by step from a clone
     if not args.keep_checkpoints:
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     return json.loads(res_file.read_text())
@@ -305,8 +306,14 @@ def _bench(ev: dict) -> dict | None:
             "n": {t: v["n"] for t, v in b["tasks"].items()}}
 
 
+def last_quarter(s: Setting) -> tuple[int, int]:
+    """The steps after the assignment settles (DOT_FLAGS' settle fraction 0.75), the nearest to the export."""
+    return int(0.75 * s.steps) + 1, s.steps
+
+
 def _row(run: Run, res: dict | None, ev: dict, dense_ev: dict, s: Setting, device: str,
-         domains: dict | None = None, dense_domains: dict | None = None, times: dict | None = None) -> dict:
+         domains: dict | None = None, dense_domains: dict | None = None, times: dict | None = None,
+         steps: dict | None = None) -> dict:
     params = ev["params"]
     ppl = ev["perplexity"]["perplexity"]
     row = {"name": run.name, "method": run.method, "budget": run.budget, "seed": run.seed,
@@ -317,6 +324,10 @@ def _row(run: Run, res: dict | None, ev: dict, dense_ev: dict, s: Setting, devic
            "wall_seconds": None if not times else sum(times.values()),
            "final_train_loss": None if res is None else res.get("final_train_loss"),
            "setting": s.name, "device": device, "flags": run.flags}
+    if steps and steps.get("loss/ce"):
+        # Next-token loss on the training batches, each unseen text when scored (one epoch at most in
+        # this setting): a calibration-side validation, paired between runs of the same seed.
+        row["train_ce_last_quarter"] = window_mean({int(k): v for k, v in steps["loss/ce"].items()}, *last_quarter(s))
     cloze, dense_cloze = ev.get("cloze"), dense_ev.get("cloze")
     if cloze and dense_cloze:
         acc = cloze["accuracy"]
@@ -367,7 +378,8 @@ SEED_MEASURES = (("Austen ppl", lambda r: r.get("perplexity")),
                  ("bench avg", lambda r: r.get("bench_average")),
                  ("bench avg, informative tasks", lambda r: r.get("bench_average_informative")),
                  ("cloze acc", lambda r: r.get("cloze_accuracy")),
-                 ("mix ppl", lambda r: r.get("mix_perplexity")))
+                 ("mix ppl", lambda r: r.get("mix_perplexity")),
+                 ("train CE, last quarter", lambda r: r.get("train_ce_last_quarter")))
 
 
 def seed_summary(rows: list[dict]) -> list[dict]:
@@ -406,7 +418,7 @@ def _seed_table(summary: list[dict]) -> str:
         for n in names:
             m = e["measures"].get(n)
             pct = n.startswith("bench avg") or n == "cloze acc"
-            fmt = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.2f}")
+            fmt = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.4f}") if n.startswith("train") else (lambda x: f"{x:.2f}")
             cells.append("-" if m is None else f"{fmt(m['mean'])} ± {fmt(m['spread'] / 2)}")
         lines.append(f"| {e['method']} | {e['budget']}% | {', '.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
     return ("\n\nSeeds: mean over the seeds ± half their spread (largest minus smallest), per method run with "
@@ -419,11 +431,12 @@ def write_table(rows: list[dict], s: Setting, path: Path, eval_info: dict) -> No
     head = ("| run | budget | seed | active / total params | active FFN | Austen ppl | ppl retention | "
             + "".join(f"{d} ppl | " for d in domains) + ("mix ppl | " if domains else "")
             + "bench avg | bench retention | above chance | bench avg, informative tasks | its retention "
-            + "| cloze acc | cloze ret. above chance | wall time |")
+            + "| cloze acc | cloze ret. above chance | train CE {}-{} | wall time |".format(*last_quarter(s)))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         wall = "-" if r["wall_seconds"] is None else f"{r['wall_seconds'] / 60:.0f} min"
         cloze = "-" if r.get("cloze_accuracy") is None else f"{r['cloze_accuracy']:.1%} ± {r['cloze_stderr']:.1%}"
+        ce = "-" if r.get("train_ce_last_quarter") is None else f"{r['train_ce_last_quarter']:.4f}"
         dom = "".join("- | " if d not in r.get("domain_perplexity", {}) else f"{r['domain_perplexity'][d]:.2f} | "
                       for d in domains)
         if domains:
@@ -434,7 +447,7 @@ def write_table(rows: list[dict], s: Setting, path: Path, eval_info: dict) -> No
                      f"{'-' if r.get('bench_average') is None else format(r['bench_average'], '.1%')} "
                      f"| {_pct(r.get('bench_retention'))} | {_pct(r.get('bench_retention_above_chance'))} "
                      f"| {_pct(r.get('bench_average_informative'))} | {_pct(r.get('bench_retention_informative'))} "
-                     f"| {cloze} | {_pct(r.get('cloze_retention_above_chance'))} | {wall} |")
+                     f"| {cloze} | {_pct(r.get('cloze_retention_above_chance'))} | {ce} | {wall} |")
     tasks = [t for t in BENCHMARK_TASKS if any(t in r.get("bench_tasks", {}) for r in rows)]
     per_task = ""
     if tasks:
@@ -597,8 +610,10 @@ def report(runs: list[Run], s: Setting, device: str, out: Path, runs_dir: Path, 
         if ev is None:
             continue
         devices.setdefault(run.name, device)
+        if not (d / STEPS_FILE).exists() and any((d / "tensorboard").glob("dotmoe/events.out.tfevents.*")):
+            write_steps(d)        # a unit trained before steps.json existed, its events still here
         rows.append(_row(run, _read(d / "results.json"), ev, dense_ev, s, devices[run.name],
-                         _read(d / "domains.json"), dense_domains, _read(d / "study_time.json")))
+                         _read(d / "domains.json"), dense_domains, _read(d / "study_time.json"), _read(d / STEPS_FILE)))
     dev_file.write_text(json.dumps(devices, indent=1) + "\n")
     (out / f"quality_{s.name}.json").write_text(json.dumps({"setting": asdict(s), "rows": rows,
                                                             "seeds": seed_summary(rows),

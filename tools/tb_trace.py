@@ -8,7 +8,8 @@ Columns: the run-level scalars whose tag starts with one of --tags (per-layer ta
     .venv/bin/python tools/tb_trace.py --compare runs/a,runs/b --tag loss/total --window 50
 
 compares paired runs (same seed: same batches) on one scalar: its mean per window of steps, and how
-many steps each run was the lowest (monitor.compare_runs).
+many steps each run was the lowest (monitor.compare_runs). A run folder without its events (the study's
+committed units) is read from its steps.json: the loss terms and assign/moved, assign/undone.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dotmoe_ds.monitor import TRACE_TAGS, compare_runs, events_dir, format_trace, read_trace  # noqa: E402
+from dotmoe_ds.monitor import TRACE_TAGS, compare_runs, events_dir, format_trace, has_trace, read_trace  # noqa: E402
 
 
 def main(run: str = "", every: int = 5, tags: str = ",".join(TRACE_TAGS), compare: str = "",
@@ -28,9 +29,9 @@ def main(run: str = "", every: int = 5, tags: str = ",".join(TRACE_TAGS), compar
         # fire hands `a,b` over as a tuple when the names parse as Python literals
         runs = list(compare) if isinstance(compare, (tuple, list)) else [r for r in str(compare).split(",") if r]
         runs = [str(r) for r in runs]
-        missing = [r for r in runs if not events_dir(r).is_dir()]
+        missing = [r for r in runs if not has_trace(r)]
         if len(runs) < 2 or missing:
-            raise SystemExit(f"tb_trace: --compare needs two or more run folders with TensorBoard events; "
+            raise SystemExit(f"tb_trace: --compare needs two or more run folders with TensorBoard events or steps.json; "
                              f"missing: {', '.join(missing) or '-'}")
         values = {Path(r).name: read_trace(r, [tag]).get(tag) for r in runs}
         absent = [n for n, v in values.items() if not v]
@@ -38,8 +39,8 @@ def main(run: str = "", every: int = 5, tags: str = ",".join(TRACE_TAGS), compar
             raise SystemExit(f"tb_trace: {', '.join(absent)} logged no scalar {tag!r}")
         print(compare_runs(values, window))
         return
-    if not run or not events_dir(run).is_dir():
-        raise SystemExit(f"tb_trace: no TensorBoard folder at {events_dir(run or '.')} (pass a run folder)")
+    if not run or not has_trace(run):
+        raise SystemExit(f"tb_trace: no TensorBoard events at {events_dir(run or '.')} and no steps.json (pass a run folder)")
     trace = read_trace(run, [p for p in str(tags).split(",") if p])
     if not trace:
         raise SystemExit(f"tb_trace: no scalar of {events_dir(run)} starts with one of {tags!r}")
