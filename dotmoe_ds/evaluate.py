@@ -902,8 +902,8 @@ def format_table(result: dict) -> str:
                          f"{ret['retention']:.4f}"))
             if "informative" in ret:
                 inf = ret["informative"]
-                rows.append((f"retention on the tasks the dense model is clear of chance on ({', '.join(inf['tasks'])})",
-                             f"{inf['retention']:.4f}"))
+                rows.append((f"retention on the tasks the dense model is clear of chance on "
+                             f"({', '.join(inf['tasks'])})", f"{inf['retention']:.4f}"))
     for task, metrics in result.get("lm_eval", {}).items():
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and "stderr" not in name:

@@ -189,6 +189,11 @@ def test_retention_on_the_tasks_the_dense_model_is_clear_of_chance_on():
     # the same accuracy on fewer items is not clear of chance: 0.56 - 0.5 < 2 sqrt(0.56 * 0.44 / 100)
     assert benchmarks.informative_tasks({"piqa": {"acc": 0.56, "n": 100}}) == []
     assert benchmarks.informative_tasks({"piqa": {"acc": 0.56, "n": 1000}}) == ["piqa"]
+    from dotmoe_ds.evaluate import format_table
+
+    table = format_table({"params": {"active": 5, "total": 10},
+                          "benchmarks": {"tasks": {}, "average": 0.4475, "retention": r}})
+    assert "retention on the tasks the dense model is clear of chance on (piqa, lambada) | 0.6809" in table
 
 
 # ---------------------------------------------------------------------- `dotmoe eval` flags

@@ -40,7 +40,7 @@ from dotmoe_ds.benchmarks import TASKS, retention  # noqa: E402
 from dotmoe_ds.checkpoint import EXIT_REQUEUE, checkpoint_dir, resume_candidates  # noqa: E402
 from dotmoe_ds.corpora import AUSTEN_CALIBRATION as CALIBRATION_BOOKS  # noqa: E402
 from dotmoe_ds.corpora import AUSTEN_HELDOUT as HELDOUT_BOOKS, prepare_mix  # noqa: E402
-from dotmoe_ds.monitor import STEPS_FILE, format_trace, read_trace, window_mean, write_steps  # noqa: E402
+from dotmoe_ds.monitor import STEPS_FILE, format_trace, has_trace, read_trace, window_mean, write_steps  # noqa: E402
 
 BENCHMARK_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada")
 CHANCE = {t: TASKS[t].chance for t in BENCHMARK_TASKS}
@@ -307,8 +307,8 @@ def _bench(ev: dict) -> dict | None:
 
 
 def last_quarter(s: Setting) -> tuple[int, int]:
-    """The steps after the assignment settles (DOT_FLAGS' settle fraction 0.75), the nearest to the export."""
-    return int(0.75 * s.steps) + 1, s.steps
+    """The steps after DOT's assignment settles (DOT_FLAGS' settle fraction), the nearest to the export."""
+    return int(DOT_FLAGS["scores_settle_frac"] * s.steps) + 1, s.steps
 
 
 def _row(run: Run, res: dict | None, ev: dict, dense_ev: dict, s: Setting, device: str,
@@ -407,6 +407,12 @@ def seed_summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _measure(name: str, x: float) -> str:
+    if name.startswith("bench avg") or name == "cloze acc":
+        return f"{x:.1%}"
+    return f"{x:.4f}" if name.startswith("train") else f"{x:.2f}"     # a loss / a perplexity
+
+
 def _seed_table(summary: list[dict]) -> str:
     if not summary:
         return ""
@@ -417,9 +423,7 @@ def _seed_table(summary: list[dict]) -> str:
         cells = []
         for n in names:
             m = e["measures"].get(n)
-            pct = n.startswith("bench avg") or n == "cloze acc"
-            fmt = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.4f}") if n.startswith("train") else (lambda x: f"{x:.2f}")
-            cells.append("-" if m is None else f"{fmt(m['mean'])} ± {fmt(m['spread'] / 2)}")
+            cells.append("-" if m is None else f"{_measure(n, m['mean'])} ± {_measure(n, m['spread'] / 2)}")
         lines.append(f"| {e['method']} | {e['budget']}% | {', '.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
     return ("\n\nSeeds: mean over the seeds ± half their spread (largest minus smallest), per method run with "
             "more than one seed\n\n" + "\n".join(lines))
@@ -463,7 +467,8 @@ def write_table(rows: list[dict], s: Setting, path: Path, eval_info: dict) -> No
         if used is not None:
             left = [t for t in tasks if t not in used]
             per_task += ("\n\n'bench avg, informative tasks' averages the tasks on which the dense model scores "
-                         "above chance by more than two standard errors" + (f" (leaves out {', '.join(left)})" if left else " (all of them)")
+                         "above chance by more than two standard errors"
+                         + (f" (leaves out {', '.join(left)})" if left else " (all of them)")
                          + "; 'its retention' divides by the dense model's average over the same tasks.")
     path.write_text(f"# Quality study ({s.name} setting)\n\n" + "\n".join(lines) + per_task
                     + _seed_table(seed_summary(rows)) + f"\n\n{eval_info['text']}\n")
@@ -610,7 +615,7 @@ def report(runs: list[Run], s: Setting, device: str, out: Path, runs_dir: Path, 
         if ev is None:
             continue
         devices.setdefault(run.name, device)
-        if not (d / STEPS_FILE).exists() and any((d / "tensorboard").glob("dotmoe/events.out.tfevents.*")):
+        if not (d / STEPS_FILE).exists() and has_trace(d):
             write_steps(d)        # a unit trained before steps.json existed, its events still here
         rows.append(_row(run, _read(d / "results.json"), ev, dense_ev, s, devices[run.name],
                          _read(d / "domains.json"), dense_domains, _read(d / "study_time.json"), _read(d / STEPS_FILE)))

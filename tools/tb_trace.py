@@ -31,7 +31,7 @@ def main(run: str = "", every: int = 5, tags: str = ",".join(TRACE_TAGS), compar
         runs = [str(r) for r in runs]
         missing = [r for r in runs if not has_trace(r)]
         if len(runs) < 2 or missing:
-            raise SystemExit(f"tb_trace: --compare needs two or more run folders with TensorBoard events or steps.json; "
+            raise SystemExit("tb_trace: --compare needs two or more run folders with TensorBoard events or steps.json; "
                              f"missing: {', '.join(missing) or '-'}")
         values = {Path(r).name: read_trace(r, [tag]).get(tag) for r in runs}
         absent = [n for n, v in values.items() if not v]
@@ -40,7 +40,8 @@ def main(run: str = "", every: int = 5, tags: str = ",".join(TRACE_TAGS), compar
         print(compare_runs(values, window))
         return
     if not run or not has_trace(run):
-        raise SystemExit(f"tb_trace: no TensorBoard events at {events_dir(run or '.')} and no steps.json (pass a run folder)")
+        raise SystemExit(f"tb_trace: no TensorBoard events at {events_dir(run or '.')} and no steps.json "
+                         "(pass a run folder)")
     trace = read_trace(run, [p for p in str(tags).split(",") if p])
     if not trace:
         raise SystemExit(f"tb_trace: no scalar of {events_dir(run)} starts with one of {tags!r}")
