@@ -140,6 +140,9 @@ class DotMoEFFN(nn.Module):
         self.judged_assignment: Tensor | None = None  # before the last flips, under the flip check
         self.judge_sums: Tensor | None = None         # float64 [error now, error judged, forwards], on device
         self._hard_cache: tuple[tuple, Tensor] | None = None
+        # The last hard assignment known (rounded or pinned): where the next rounding starts, since
+        # the scores move a few flips between roundings (sinkhorn.assign_by_score's `start`).
+        self._rounding_start: Tensor | None = None
         # Set by the trainer when it rounded this layer elsewhere (layer-parallel, see
         # pin_hard_assignment); wins over the cache until unpinned.
         self._pinned_assignment: Tensor | None = None
@@ -200,8 +203,9 @@ class DotMoEFFN(nn.Module):
         key = (self.scores.data_ptr(), self.scores._version)
         if self._hard_cache is None or self._hard_cache[0] != key:
             assign = assign_by_score(self.scores.detach().float(), self.spec.column_capacities,
-                                     self.refine_rounds)
+                                     self.refine_rounds, start=self._rounding_start)
             self._hard_cache = (key, assign)
+            self._rounding_start = assign
         return self._hard_cache[1]
 
     @torch.no_grad()
@@ -221,6 +225,7 @@ class DotMoEFFN(nn.Module):
         assign = torch.as_tensor(assign).long()
         _check_assignment(assign, self.spec, "pinned assignment")
         self._pinned_assignment = assign.to(self.scores.device)
+        self._rounding_start = self._pinned_assignment
 
     def assignment_matrix(self) -> Tensor:
         """`A` of METHOD.md section 4 for the current mode, `[d_ff, E']`, fp32."""

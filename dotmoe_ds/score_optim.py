@@ -139,25 +139,29 @@ def bounded_step(old: Tensor, delta: Tensor, assign: Tensor, capacities: Sequenc
     the whole step, every other row the largest common scale (bisection) that keeps the bound. Cycles, not single rows: capacities are exact, and when many
     neurons cross at the same step length (ties, e.g. just after the initialisation) no common
     scale could select some of them. Returns (new scores, mean row scale, flips)."""
+    def rounding(scores: Tensor) -> Tensor:
+        # every candidate is a few moves from `assign`: start the cycle-cancelling there (same optimum)
+        return assign_by_score(scores, capacities, refine_rounds, start=assign)
+
     new = old + delta
-    flips = count_flips(assign, assign_by_score(new, capacities, refine_rounds))
+    target = rounding(new)
+    flips = count_flips(assign, target)
     if flips <= max_flips:
         return new, 1.0, flips
-    target = assign_by_score(new, capacities, refine_rounds)
     rows = torch.zeros(old.shape[0], dtype=old.dtype)
     rows[cycle_moves(assign, target, new if preference is None else preference, max_flips)] = 1.0
 
     def at(scale: float) -> Tensor:
         return old + delta * torch.clamp(rows, min=scale)[:, None]
 
-    lo_flips = count_flips(assign, assign_by_score(at(0.0), capacities, refine_rounds))
+    lo_flips = count_flips(assign, rounding(at(0.0)))
     if lo_flips > max_flips:        # the chosen rows displace others too: shorten every row alike
         rows.zero_()
         lo_flips = 0
     lo, hi = 0.0, 1.0
     for _ in range(BISECTION_STEPS):
         mid = 0.5 * (lo + hi)
-        f = count_flips(assign, assign_by_score(at(mid), capacities, refine_rounds))
+        f = count_flips(assign, rounding(at(mid)))
         if f <= max_flips:
             lo, lo_flips = mid, f
         else:
@@ -300,7 +304,7 @@ class ScoreOptimizer:
                     alphas[i] = 1.0
                     if self.flip_check:
                         flips[i] = count_flips(current, assign_by_score(self.master[i], layer.spec.column_capacities,
-                                                                        layer.refine_rounds))
+                                                                        layer.refine_rounds, start=current))
                 else:
                     self.master[i], alphas[i], flips[i] = bounded_step(
                         self.master[i], delta, current, layer.spec.column_capacities, bound, layer.refine_rounds,

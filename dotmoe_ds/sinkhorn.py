@@ -560,19 +560,30 @@ def _cancel_cycles(s: np.ndarray, assign: np.ndarray, max_rounds: int) -> tuple[
     return graph.assign, False
 
 
-def _assign_one(scores: Tensor, caps: Tensor, refine_rounds: int) -> Tensor:
+def _assign_one(scores: Tensor, caps: Tensor, refine_rounds: int, start: Tensor | None) -> Tensor:
     s = scores.detach().to("cpu", torch.float64).numpy()
     c = caps.detach().to("cpu").numpy().round().astype(np.int64)
-    assign = _greedy_fill(s, c)
+    if start is None:
+        assign = _greedy_fill(s, c)
+    else:
+        assign = start.detach().to("cpu", torch.int64).numpy().copy()
+        if assign.min() < 0 or assign.max() >= s.shape[1] or (np.bincount(assign, minlength=s.shape[1]) != c).any():
+            raise ValueError(f"start is not capacity-exact: column counts "
+                             f"{np.bincount(assign.clip(0), minlength=s.shape[1]).tolist()}, capacities {c.tolist()}")
     assign, _ = _cancel_cycles(s, assign, refine_rounds)
     return torch.from_numpy(assign).to(scores.device)
 
 
 def assign_by_score(scores: Tensor, capacities: Sequence[int] | Tensor,
-                    refine_rounds: int = DEFAULT_REFINE_ROUNDS) -> Tensor:
+                    refine_rounds: int = DEFAULT_REFINE_ROUNDS, start: Tensor | None = None) -> Tensor:
     """Column index per row, with exactly `capacities[e]` rows in column e, maximising
     `sum_i scores[i, assign[i]]`: greedy proposals, then up to `refine_rounds` rounds of
     cycle-cancelling (exact when it stops before the limit: no improving cycle is left).
+
+    `start` (`[n]` or `[L, n]`, capacity-exact) replaces the greedy proposals: cycle-cancelling then
+    begins there. The rounding of nearby scores (the flip bound's bisection, the next optimizer step)
+    is a few cycles from the optimum, where the greedy proposals can be many; the end is the optimum
+    either way, the same assignment wherever the optimum is unique.
 
     `scores` is `[n, E]` or `[L, n, E]` (capacities `[E]` or `[L, E]`); returns `[n]` or `[L, n]`
     (long) on `scores`' device. The work is done on the CPU in float64.
@@ -581,11 +592,15 @@ def assign_by_score(scores: Tensor, capacities: Sequence[int] | Tensor,
     if int(refine_rounds) != refine_rounds or refine_rounds < 0:
         raise ValueError(f"refine_rounds must be a non-negative integer, got {refine_rounds}")
     caps = _capacity_tensor(capacities, scores)
+    if start is not None and tuple(start.shape) != tuple(scores.shape[:-1]):
+        raise ValueError(f"start has shape {tuple(start.shape)} but scores {tuple(scores.shape)} need "
+                         f"{tuple(scores.shape[:-1])}")
     with torch.no_grad():
         if scores.dim() == 2:
-            return _assign_one(scores, caps, int(refine_rounds))
+            return _assign_one(scores, caps, int(refine_rounds), start)
         per_layer = caps if caps.dim() == 2 else caps.expand(scores.shape[0], -1)
-        return torch.stack([_assign_one(s, c, int(refine_rounds)) for s, c in zip(scores, per_layer)])
+        starts = [None] * scores.shape[0] if start is None else list(start)
+        return torch.stack([_assign_one(s, c, int(refine_rounds), st) for s, c, st in zip(scores, per_layer, starts)])
 
 
 def round_to_assignment(plan: Tensor, capacities: Sequence[int] | Tensor,

@@ -450,6 +450,32 @@ def test_rounding_a_plan_equals_assigning_by_its_scores():
     assert abs(_objective(s, from_plan) - _objective(s, from_scores)) <= 1e-9
 
 
+def test_rounding_from_a_start_reaches_the_same_optimum():
+    """`start` (the rounding of nearby scores) replaces the greedy proposals: the same assignment as
+    from scratch, for small and large moves of the scores, per layer too; a start that is not
+    capacity-exact, or of the wrong shape, is refused."""
+    g = torch.Generator().manual_seed(3)
+    caps = [64] * 16 + [512]
+    scores = torch.randn(1536, 17, generator=g, dtype=torch.float64)
+    start = assign_by_score(scores, caps)
+    for scale in (1e-3, 0.05, 0.5, 5.0):
+        moved = scores + scale * torch.randn(1536, 17, generator=g, dtype=torch.float64)
+        cold = assign_by_score(moved, caps)
+        assert torch.equal(assign_by_score(moved, caps, start=start), cold)
+        assert _is_capacity_exact(cold, caps)
+    batched = torch.randn(3, 200, 5, generator=g, dtype=torch.float64)
+    bcaps = uneven_caps(200, 5)
+    starts = assign_by_score(batched, bcaps)
+    again = batched + 0.1 * torch.randn(3, 200, 5, generator=g, dtype=torch.float64)
+    assert torch.equal(assign_by_score(again, bcaps, start=starts), assign_by_score(again, bcaps))
+    bad = start.clone()
+    bad[0] = (bad[0] + 1) % 17                       # one column one short, another one over
+    with pytest.raises(ValueError, match="start is not capacity-exact"):
+        assign_by_score(scores, caps, start=bad)
+    with pytest.raises(ValueError, match="start has shape"):
+        assign_by_score(scores, caps, start=start[:10])
+
+
 def test_rounding_large_problem_is_capacity_exact():
     caps = uniform_caps(28672, 64)
     plan = sinkhorn(torch.randn(28672, 64), caps, 0.1)

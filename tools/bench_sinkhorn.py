@@ -49,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dotmoe_ds.sharded_sinkhorn import sharded_sinkhorn  # noqa: E402
-from dotmoe_ds.sinkhorn import (_cancel_cycles, _greedy_fill, marginal_error,  # noqa: E402
+from dotmoe_ds.sinkhorn import (_cancel_cycles, _greedy_fill, assign_by_score, marginal_error,  # noqa: E402
                                 round_to_assignment, sinkhorn)
 
 FULL_SHAPES = [(1, 1536, 8), (1, 8192, 16), (1, 14336, 32), (1, 28672, 64), (32, 8192, 16)]
@@ -295,6 +295,19 @@ def rounding_section(args) -> None:
         obj_greedy = logp[np.arange(n), greedy].sum()
         print(f"{tau:>6g} {t.cpu * 1e3:>8.0f} {t.wall * 1e3:>8.0f} {str(certified):>18} {obj:>12.1f} {obj_greedy:>13.1f}",
               flush=True)
+    # What the flip bound's bisection and each optimizer step ask for: the rounding of scores a few
+    # flips from an assignment already known, from scratch and from that assignment (`start`).
+    print(f"\n== rounding of moved scores [{n}, {E}], from scratch vs from the last assignment (start=); "
+          f"CPU ms, best of {args.repeats}")
+    print(f"{'move':>6} {'flips':>6} {'scratch':>8} {'start':>8} {'speed-up':>9} {'same':>5}")
+    scores = torch.randn(n, E, generator=gen, dtype=torch.float64)
+    known = assign_by_score(scores, caps)
+    for scale in (0.001, 0.01, 0.1):
+        moved = scores + scale * torch.randn(n, E, generator=gen, dtype=torch.float64)
+        cold_t, cold = timed(lambda: assign_by_score(moved, caps), args.repeats)
+        warm_t, warm = timed(lambda: assign_by_score(moved, caps, start=known), args.repeats)
+        print(f"{scale:>6g} {int((cold != known).sum()):>6} {cold_t.cpu * 1e3:>8.0f} {warm_t.cpu * 1e3:>8.0f} "
+              f"{cold_t.cpu / max(warm_t.cpu, 1e-9):>8.1f}x {str(bool(torch.equal(cold, warm))):>5}", flush=True)
 
 
 # ----------------------------------------------------------------------------- --distributed
