@@ -563,14 +563,17 @@ def _cancel_cycles(s: np.ndarray, assign: np.ndarray, max_rounds: int) -> tuple[
 def _assign_one(scores: Tensor, caps: Tensor, refine_rounds: int, start: Tensor | None) -> Tensor:
     s = scores.detach().to("cpu", torch.float64).numpy()
     c = caps.detach().to("cpu").numpy().round().astype(np.int64)
-    if start is None:
-        assign = _greedy_fill(s, c)
-    else:
+    if start is not None:
         assign = start.detach().to("cpu", torch.int64).numpy().copy()
         if assign.min() < 0 or assign.max() >= s.shape[1] or (np.bincount(assign, minlength=s.shape[1]) != c).any():
             raise ValueError(f"start is not capacity-exact: column counts "
                              f"{np.bincount(assign.clip(0), minlength=s.shape[1]).tolist()}, capacities {c.tolist()}")
-    assign, _ = _cancel_cycles(s, assign, refine_rounds)
+        assign, optimal = _cancel_cycles(s, assign, refine_rounds)
+        if optimal:
+            return torch.from_numpy(assign).to(scores.device)
+        # not certified within refine_rounds: the rounding from scratch, so that a round limit gives
+        # the same (greedy + limited cancelling) answer with or without a start
+    assign, _ = _cancel_cycles(s, _greedy_fill(s, c), refine_rounds)
     return torch.from_numpy(assign).to(scores.device)
 
 
@@ -583,7 +586,8 @@ def assign_by_score(scores: Tensor, capacities: Sequence[int] | Tensor,
     `start` (`[n]` or `[L, n]`, capacity-exact) replaces the greedy proposals: cycle-cancelling then
     begins there. The rounding of nearby scores (the flip bound's bisection, the next optimizer step)
     is a few cycles from the optimum, where the greedy proposals can be many; the end is the optimum
-    either way, the same assignment wherever the optimum is unique.
+    either way, the same assignment wherever the optimum is unique. If cycle-cancelling from `start`
+    is not certified optimal within `refine_rounds`, the rounding is redone from scratch.
 
     `scores` is `[n, E]` or `[L, n, E]` (capacities `[E]` or `[L, E]`); returns `[n]` or `[L, n]`
     (long) on `scores`' device. The work is done on the CPU in float64.

@@ -468,6 +468,10 @@ def test_rounding_from_a_start_reaches_the_same_optimum():
     starts = assign_by_score(batched, bcaps)
     again = batched + 0.1 * torch.randn(3, 200, 5, generator=g, dtype=torch.float64)
     assert torch.equal(assign_by_score(again, bcaps, start=starts), assign_by_score(again, bcaps))
+    # a round limit that leaves the start uncertified: the answer from scratch, not the start
+    far = torch.randn(1536, 17, generator=g, dtype=torch.float64)
+    assert torch.equal(assign_by_score(far, caps, refine_rounds=0, start=start), assign_by_score(far, caps, 0))
+    assert not torch.equal(assign_by_score(far, caps, 0), start)
     bad = start.clone()
     bad[0] = (bad[0] + 1) % 17                       # one column one short, another one over
     with pytest.raises(ValueError, match="start is not capacity-exact"):
