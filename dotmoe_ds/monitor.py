@@ -219,19 +219,29 @@ def events_dir(run: str | Path) -> Path:
     return run / "tensorboard" / "dotmoe" if (run / "tensorboard" / "dotmoe").is_dir() else run
 
 
+def _has_events(run: str | Path) -> bool:
+    return any(events_dir(run).glob("events.out.tfevents.*"))
+
+
 def has_trace(run: str | Path) -> bool:
     """Whether `read_trace` finds something: TensorBoard events, or the run's steps.json."""
-    return any(events_dir(run).glob("events.out.tfevents.*")) or (Path(run) / STEPS_FILE).is_file()
+    return _has_events(run) or (Path(run) / STEPS_FILE).is_file()
+
+
+def read_steps(run: str | Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the run's steps.json (write_steps); {} if it has none."""
+    path = Path(run) / STEPS_FILE
+    if not path.is_file():
+        return {}
+    return {t: {int(k): v for k, v in vals.items()} for t, vals in json.loads(path.read_text()).items()}
 
 
 def read_trace(run: str | Path, prefixes: Sequence[str] = TRACE_TAGS) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} of a run's run-level scalars whose tag starts with one of `prefixes`
     (per-layer tags left out), read back from its TensorBoard events; from its steps.json
     (write_steps: STEP_TAGS only) where the events are gone, e.g. in a clone of the study's results."""
-    if not any(events_dir(run).glob("events.out.tfevents.*")) and (Path(run) / STEPS_FILE).is_file():
-        kept = json.loads((Path(run) / STEPS_FILE).read_text())
-        return {t: {int(k): v for k, v in vals.items()} for t, vals in kept.items()
-                if any(t.startswith(p) for p in prefixes)}
+    if not _has_events(run) and (Path(run) / STEPS_FILE).is_file():
+        return {t: vals for t, vals in read_steps(run).items() if any(t.startswith(p) for p in prefixes)}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(events_dir(run)), size_guidance={"scalars": 0})

@@ -260,7 +260,7 @@ def test_train_ce_of_the_last_quarter_is_a_column(study, tmp_path):
     runs = study.plan_runs(s)
     assert study.last_quarter(s) == (151, 200)
     ev = _ev(40.0, 0.45, {"arc_easy": 0.55})
-    steps = {"loss/ce": {str(k): (1.0 if k <= 150 else 2.0 + (k % 2)) for k in range(1, 201)}}
+    steps = {"loss/ce": {k: (1.0 if k <= 150 else 2.0 + (k % 2)) for k in range(1, 201)}}
     rows = [study._row(runs[0], None, ev, ev, s, "cpu"), study._row(runs[1], None, ev, ev, s, "cpu", steps=steps)]
     assert "train_ce_last_quarter" not in rows[0] and rows[1]["train_ce_last_quarter"] == pytest.approx(2.5)
     study.write_table(rows, s, tmp_path / "q.md", {"text": "note"})

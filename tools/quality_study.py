@@ -40,7 +40,8 @@ from dotmoe_ds.benchmarks import TASKS, retention  # noqa: E402
 from dotmoe_ds.checkpoint import EXIT_REQUEUE, checkpoint_dir, resume_candidates  # noqa: E402
 from dotmoe_ds.corpora import AUSTEN_CALIBRATION as CALIBRATION_BOOKS  # noqa: E402
 from dotmoe_ds.corpora import AUSTEN_HELDOUT as HELDOUT_BOOKS, prepare_mix  # noqa: E402
-from dotmoe_ds.monitor import STEPS_FILE, format_trace, has_trace, read_trace, window_mean, write_steps  # noqa: E402
+from dotmoe_ds.monitor import (STEPS_FILE, format_trace, has_trace, read_steps, read_trace, window_mean,  # noqa: E402
+                               write_steps)
 
 BENCHMARK_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada")
 CHANCE = {t: TASKS[t].chance for t in BENCHMARK_TASKS}
@@ -313,7 +314,7 @@ def last_quarter(s: Setting) -> tuple[int, int]:
 
 def _row(run: Run, res: dict | None, ev: dict, dense_ev: dict, s: Setting, device: str,
          domains: dict | None = None, dense_domains: dict | None = None, times: dict | None = None,
-         steps: dict | None = None) -> dict:
+         steps: dict[str, dict[int, float]] | None = None) -> dict:
     params = ev["params"]
     ppl = ev["perplexity"]["perplexity"]
     row = {"name": run.name, "method": run.method, "budget": run.budget, "seed": run.seed,
@@ -327,7 +328,7 @@ def _row(run: Run, res: dict | None, ev: dict, dense_ev: dict, s: Setting, devic
     if steps and steps.get("loss/ce"):
         # Next-token loss on the training batches, each unseen text when scored (one epoch at most in
         # this setting): a calibration-side validation, paired between runs of the same seed.
-        row["train_ce_last_quarter"] = window_mean({int(k): v for k, v in steps["loss/ce"].items()}, *last_quarter(s))
+        row["train_ce_last_quarter"] = window_mean(steps["loss/ce"], *last_quarter(s))
     cloze, dense_cloze = ev.get("cloze"), dense_ev.get("cloze")
     if cloze and dense_cloze:
         acc = cloze["accuracy"]
@@ -618,7 +619,7 @@ def report(runs: list[Run], s: Setting, device: str, out: Path, runs_dir: Path, 
         if not (d / STEPS_FILE).exists() and has_trace(d):
             write_steps(d)        # a unit trained before steps.json existed, its events still here
         rows.append(_row(run, _read(d / "results.json"), ev, dense_ev, s, devices[run.name],
-                         _read(d / "domains.json"), dense_domains, _read(d / "study_time.json"), _read(d / STEPS_FILE)))
+                         _read(d / "domains.json"), dense_domains, _read(d / "study_time.json"), read_steps(d)))
     dev_file.write_text(json.dumps(devices, indent=1) + "\n")
     (out / f"quality_{s.name}.json").write_text(json.dumps({"setting": asdict(s), "rows": rows,
                                                             "seeds": seed_summary(rows),
