@@ -39,6 +39,7 @@ from typing import Sequence
 import torch
 
 from dotmoe_ds import distributed as dist
+from dotmoe_ds.checkpoint import atomic_write_text
 from dotmoe_ds.layer import DotMoEFFN
 from dotmoe_ds.sinkhorn import marginal_error
 
@@ -255,8 +256,9 @@ def write_steps(run: str | Path) -> Path:
     events with their per-layer scalars): paired runs stay comparable step by step (compare_runs)."""
     trace = read_trace(run, STEP_TAGS)
     path = Path(run) / STEPS_FILE
-    path.write_text(json.dumps({t: {str(k): round(v, 6) for k, v in sorted(vals.items())}
-                                for t, vals in sorted(trace.items())}) + "\n")
+    # atomic: the study reads it back, and a unit killed here is not trained again to rewrite it
+    atomic_write_text(path, json.dumps({t: {str(k): round(v, 6) for k, v in sorted(vals.items())}
+                                        for t, vals in sorted(trace.items())}) + "\n")
     return path
 
 
