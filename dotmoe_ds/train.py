@@ -531,6 +531,10 @@ class LoopState:
     losses: list = field(default_factory=list)     # (step, total) per step, for the results
     initial_assignment: list | None = None         # hard assignment at step 0 (assign/moved_from_start)
     score_opt: dict | None = None                  # this rank's ScoreOptimizer state (checkpoints)
+    # Seconds in the training loop up to `step`, summed over the invocations that reached it: what an
+    # uninterrupted run spends there (the steps a killed invocation took after its last checkpoint
+    # are redone, and counted once). None when resumed from a checkpoint that did not record it.
+    loop_seconds: float | None = 0.0
 
 
 def _log_assignment(monitor: Monitor, layers, state: LoopState, step: int, router_acc: RouterAccumulator) -> None:
@@ -595,6 +599,7 @@ def train_loop(engine, layers: list[DotMoEFFN], plan: Plan, packed: PackedData, 
                                    flip_check=o.flip_check == "recon")
         score_opt.load_state_dict(state.score_opt)
     ckpt_dir = checkpoint_dir(plan.output)
+    clock = time.perf_counter()
     while state.step < t.steps:
         tau = tau_at(state.step, t.steps, o.tau_start, o.tau_end, o.tau_schedule)
         set_tau(engine.module, tau)
@@ -633,6 +638,10 @@ def train_loop(engine, layers: list[DotMoEFFN], plan: Plan, packed: PackedData, 
             if score_opt.flip_check:
                 assign_scalars["assign/undone_layers"] = done["undone"]
         state.step += 1
+        if state.loop_seconds is not None:
+            now = time.perf_counter()
+            state.loop_seconds += now - clock
+            clock = now
         lb, z = aux.take()
         recon = aux.take_recon()
         ce_m, kd_m, main = (dist.all_reduce_sum(sums) / (gas * dist.world_size())).tolist()
@@ -662,7 +671,7 @@ def save_run_checkpoint(engine, layers, ckpt_dir: Path, state: LoopState, cfg: R
     client = {"dotmoe": {"step": state.step, "micro_step": state.step * cfg.data.grad_accum,
                          "previous_assignment": state.previous_assignment,
                          "initial_assignment": state.initial_assignment,
-                         "losses": state.losses,
+                         "losses": state.losses, "loop_seconds": state.loop_seconds,
                          "frozen_scores": frozen_assignment_state(layers),
                          "kept_neurons": baselines.kept_state(engine.module)}}
     return save_checkpoint(engine, ckpt_dir, state.step, client, {"rng": rng_state(), "scores_opt": state.score_opt},
@@ -679,7 +688,7 @@ def resume(engine, layers, info: CheckpointInfo) -> LoopState:
     set_rng_state(rank_state["rng"])
     return LoopState(step=int(ours["step"]), previous_assignment=ours.get("previous_assignment"),
                      losses=list(ours.get("losses", [])), initial_assignment=ours.get("initial_assignment"),
-                     score_opt=rank_state.get("scores_opt"),
+                     score_opt=rank_state.get("scores_opt"), loop_seconds=ours.get("loop_seconds"),
                      last_loss=ours["losses"][-1][1] if ours.get("losses") else float("nan"))
 
 
@@ -719,7 +728,8 @@ def dense_weights(cfg: RunConfig) -> str:
 
 
 def finish(engine, layers, plan: Plan, packed: PackedData, state: LoopState, monitor: Monitor,
-           wall_start: float) -> dict:
+           wall_start: float, loop_seconds_here: float = 0.0) -> dict:
+    """Evaluate and export. `loop_seconds_here`: this invocation's share of `state.loop_seconds`."""
     cfg = plan.cfg
     module = engine.module
     set_tau(module, cfg.objective.tau_end)
@@ -752,7 +762,12 @@ def finish(engine, layers, plan: Plan, packed: PackedData, state: LoopState, mon
            "dense_weights": dense_weights(cfg),
            "retention": dense.ppl / converted.ppl,
            "final_train_loss": state.last_loss if state.losses else None,   # None: nothing was trained
-           "export": export_info, "wall_seconds": time.perf_counter() - wall_start}
+           "export": export_info, "wall_seconds": time.perf_counter() - wall_start,
+           "loop_seconds": state.loop_seconds}
+    # What one uninterrupted invocation would have taken: this one's setup and finish, plus the
+    # training loop's time over all invocations (a resumed run's wall_seconds covers only the last one).
+    res["run_seconds"] = (None if state.loop_seconds is None
+                          else res["wall_seconds"] - loop_seconds_here + state.loop_seconds)
     pruned = baselines.pruned_layers(module)
     if pruned:
         res["pruned"] = {"kept_neurons": pruned[0].kept_count,
@@ -825,6 +840,7 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
     stop, state = start_or_resume(resumed if plan.resume_from is not None else None, started)
 
     monitor = Monitor(plan.output / "tensorboard" / "dotmoe", cfg.train.steps, state.step, enabled=info.is_main)
+    loop_seconds_before = state.loop_seconds
     try:
         try:
             finished = (train_loop(engine, moe_layers, plan, packed, state, monitor, stop, aux)
@@ -834,7 +850,8 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
         if not finished:
             return stopped_exit(stop, state.step)
         aux.remove()
-        res = finish(engine, layers, plan, packed, state, monitor, wall_start)
+        loop_seconds_here = (state.loop_seconds or 0.0) - (loop_seconds_before or 0.0)
+        res = finish(engine, layers, plan, packed, state, monitor, wall_start, loop_seconds_here)
     finally:
         monitor.close()
     if info.is_main:

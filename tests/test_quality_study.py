@@ -100,6 +100,23 @@ def test_table_and_retention_from_eval_results(study, tmp_path):
     assert "| dot_50 | 40.0% | 60.0% |" in table
 
 
+def test_wall_time_counts_the_trainer_as_one_uninterrupted_invocation(study):
+    """A resumed unit: study_time's train phase sums the invocations that returned (a killed one is
+    missing); the trainer's run_seconds (setup + finish of the last invocation + the loop over all of
+    them) replaces it when recorded."""
+    s = study.SETTINGS["cpu"]
+    run, ev = study.plan_runs(s)[1], _ev(80.0, 0.35, {"piqa": 0.6})
+    times = {"train": 100.0, "eval": 20.0, "domains": 5.0}
+
+    def row(res):
+        return study._row(run, res, ev, ev, s, "cpu", times=times)["wall_seconds"]
+
+    assert row({"wall_seconds": 100.0, "run_seconds": 300.0}) == pytest.approx(325.0)
+    assert row({"wall_seconds": 100.0, "run_seconds": None}) == pytest.approx(125.0)   # from an old checkpoint
+    assert row({"wall_seconds": 100.0}) == pytest.approx(125.0)                         # before run_seconds
+    assert row(None) == pytest.approx(125.0) and times["train"] == 100.0
+
+
 def test_restricted_bench_average_leaves_out_tasks_where_the_dense_model_is_not_above_chance(study, tmp_path):
     s = study.SETTINGS["cpu"]
     runs = study.plan_runs(s)
@@ -188,6 +205,9 @@ def test_interrupted_unit_resumes_exactly_and_finished_units_are_not_redone(stud
     assert "stopped by --stop_at_step at step 2" in log and "resumed" in log.lower()
     ra, rb = (json.loads((d / "runs" / "smoke" / "dot_50" / "results.json").read_text()) for d in (tmp_path / "a", b))
     assert rb["final_train_loss"] == pytest.approx(ra["final_train_loss"], rel=1e-6, abs=1e-7)
+    # The resumed invocation's run_seconds adds the loop time of steps 1-2 from the first one.
+    assert rb["loop_seconds"] > 0 and rb["run_seconds"] > rb["wall_seconds"]
+    assert ra["run_seconds"] == pytest.approx(ra["wall_seconds"], rel=1e-9)
     wa, wb = _weights(tmp_path / "a" / "runs" / "smoke" / "dot_50" / "model"), _weights(unit / "model")
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -280,3 +300,27 @@ def test_compare_runs_states_window_means_and_who_is_lowest():
     assert lines[4] == "| all 10 | 1.0000 | 1.3000 |" and lines[5] == "| lowest at | 5 steps | 4 steps |"
     assert lines[-1] == "1 steps tied for the lowest value."
 
+
+
+def test_backfilled_loop_time_counts_each_step_once_from_its_last_invocation(tmp_path, monkeypatch):
+    """tools/backfill_run_seconds.py: an invocation killed after step 5 (checkpoint at 4) and one that
+    resumed at step 5; steps 5-6 of the first were redone and count from the second only; each
+    invocation's first step counts as its median step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import backfill_run_seconds as backfill
+
+    run = tmp_path / "run"
+    for steps, t0, dt in ((range(1, 7), 1000.0, 10.0), (range(5, 9), 5000.0, 3.0)):
+        w = SummaryWriter(str(run / "tensorboard" / "dotmoe"), filename_suffix=f".{int(t0)}")
+        for i, step in enumerate(steps):
+            w.add_scalar("loss/total", 1.0, step, walltime=t0 + dt * i)
+        w.close()
+    parts = backfill.loop_seconds_by_invocation(run)
+    assert [p[1] for p in parts] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert [p[2] for p in parts] == [pytest.approx(40.0), pytest.approx(12.0)]
+    (run / "results.json").write_text(json.dumps({"wall_seconds": 20.0}))
+    backfill.main(str(run), write=True)
+    res = json.loads((run / "results.json").read_text())
+    assert res["loop_seconds"] == pytest.approx(52.0) and res["run_seconds"] == pytest.approx(20.0 - 12.0 + 52.0)

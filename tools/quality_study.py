@@ -254,6 +254,18 @@ def train(run: Run, args: StudyArgs, s: Setting, data: dict[str, str], out: Path
     return json.loads(res_file.read_text())
 
 
+def _wall_seconds(res: dict | None, times: dict | None) -> float | None:
+    """The unit's wall time: its trainer as one uninterrupted invocation would take (results'
+    run_seconds), plus its evaluations. Without run_seconds (runs before it was recorded) the
+    trainer's time is the sum over the invocations that returned: a killed one is missing."""
+    if not times:
+        return None
+    times = dict(times)
+    if res is not None and res.get("run_seconds") is not None:
+        times["train"] = res["run_seconds"]
+    return sum(times.values())
+
+
 def _add_wall(path: Path, what: str, seconds: float) -> None:
     """Wall time per phase, summed over the invocations that worked on a run (resumed runs too)."""
     times = json.loads(path.read_text()) if path.exists() else {}
@@ -322,7 +334,7 @@ def _row(run: Run, res: dict | None, ev: dict, dense_ev: dict, s: Setting, devic
            "active_ffn_fraction": params.get("active_ffn_fraction", 1.0),
            "perplexity": ppl, "ppl_retention": dense_ev["perplexity"]["perplexity"] / ppl,
            "conversion_seconds": None if res is None else res.get("wall_seconds"),
-           "wall_seconds": None if not times else sum(times.values()),
+           "wall_seconds": _wall_seconds(res, times),
            "final_train_loss": None if res is None else res.get("final_train_loss"),
            "setting": s.name, "device": device, "flags": run.flags}
     if steps and steps.get("loss/ce"):
