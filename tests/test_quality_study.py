@@ -301,7 +301,6 @@ def test_compare_runs_states_window_means_and_who_is_lowest():
     assert lines[-1] == "1 steps tied for the lowest value."
 
 
-
 def test_backfilled_loop_time_counts_each_step_once_from_its_last_invocation(tmp_path, monkeypatch):
     """tools/backfill_run_seconds.py: an invocation killed after step 5 (checkpoint at 4) and one that
     resumed at step 5; steps 5-6 of the first were redone and count from the second only; each

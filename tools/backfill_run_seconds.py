@@ -51,13 +51,13 @@ def loop_seconds_by_invocation(run: Path) -> list[tuple[str, list[int], float]]:
         steps = sorted(s for s, o in owner.items() if o == i)
         if not steps:
             continue
-        gaps = [times[b] - times[a] for a, b in zip(sorted(times), sorted(times)[1:]) if b == a + 1]
-        first_step = statistics.median(gaps) if gaps else 0.0
-        seconds = first_step + sum(times[s] - times[s - 1] for s in steps if s - 1 in times and s != steps[0])
         # steps after a gap in this file's own sequence would be miscounted: refuse rather than guess
         if steps != list(range(steps[0], steps[-1] + 1)):
             raise SystemExit(f"backfill: {f.name} contributes non-contiguous steps {steps[0]}..{steps[-1]}")
-        out.append((f.name, steps, seconds))
+        ordered = sorted(times)
+        gaps = [times[b] - times[a] for a, b in zip(ordered, ordered[1:]) if b == a + 1]
+        first_step = statistics.median(gaps) if gaps else 0.0
+        out.append((f.name, steps, first_step + sum(times[s] - times[s - 1] for s in steps[1:])))
     return out
 
 

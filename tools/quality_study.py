@@ -333,7 +333,8 @@ def _row(run: Run, res: dict | None, ev: dict, dense_ev: dict, s: Setting, devic
            "active_params": params["active"], "total_params": params["total"],
            "active_ffn_fraction": params.get("active_ffn_fraction", 1.0),
            "perplexity": ppl, "ppl_retention": dense_ev["perplexity"]["perplexity"] / ppl,
-           "conversion_seconds": None if res is None else res.get("wall_seconds"),
+           # the trainer alone, as one uninterrupted invocation (wall_seconds: the last invocation only)
+           "conversion_seconds": None if res is None else res.get("run_seconds") or res.get("wall_seconds"),
            "wall_seconds": _wall_seconds(res, times),
            "final_train_loss": None if res is None else res.get("final_train_loss"),
            "setting": s.name, "device": device, "flags": run.flags}
