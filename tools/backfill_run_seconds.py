@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dotmoe_ds.checkpoint import atomic_write_text  # noqa: E402
 from dotmoe_ds.monitor import events_dir  # noqa: E402
 
 TAG = "loss/total"
@@ -64,6 +65,8 @@ def loop_seconds_by_invocation(run: Path) -> list[tuple[str, list[int], float]]:
 def main(run: str, write: bool = False) -> None:
     run_dir = Path(run)
     res_file = run_dir / "results.json"
+    if not res_file.is_file():
+        raise SystemExit(f"backfill: {res_file} does not exist (a finished run's folder is needed)")
     res = json.loads(res_file.read_text())
     parts = loop_seconds_by_invocation(run_dir)
     if not parts:
@@ -72,10 +75,11 @@ def main(run: str, write: bool = False) -> None:
         print(f"{name}: steps {steps[0]}-{steps[-1]}, {seconds:.0f} s ({seconds / len(steps):.1f} s/step)")
     loop = sum(s for _, _, s in parts)
     run_seconds = res["wall_seconds"] - parts[-1][2] + loop
-    print(f"loop {loop:.0f} s; run_seconds {run_seconds:.0f} s (finishing invocation's wall {res['wall_seconds']:.0f} s)")
+    print(f"loop {loop:.0f} s; run_seconds {run_seconds:.0f} s "
+          f"(finishing invocation's wall {res['wall_seconds']:.0f} s)")
     if write:
         res.update({"loop_seconds": loop, "run_seconds": run_seconds, "run_seconds_from": "tensorboard events"})
-        res_file.write_text(json.dumps(res, indent=1) + "\n")
+        atomic_write_text(res_file, json.dumps(res, indent=1) + "\n")   # the study reads it back
         print(f"wrote {res_file}")
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from dotmoe_ds.baselines import describe_methods  # noqa: E402  (the registry of methods and ablations)
 from dotmoe_ds.benchmarks import TASKS, retention  # noqa: E402
-from dotmoe_ds.checkpoint import EXIT_REQUEUE, checkpoint_dir, resume_candidates  # noqa: E402
+from dotmoe_ds.checkpoint import EXIT_REQUEUE, atomic_write_text, checkpoint_dir, resume_candidates  # noqa: E402
 from dotmoe_ds.corpora import AUSTEN_CALIBRATION as CALIBRATION_BOOKS  # noqa: E402
 from dotmoe_ds.corpora import AUSTEN_HELDOUT as HELDOUT_BOOKS, prepare_mix  # noqa: E402
 from dotmoe_ds.monitor import (STEPS_FILE, format_trace, has_trace, read_steps, read_trace, window_mean,  # noqa: E402
@@ -270,7 +270,7 @@ def _add_wall(path: Path, what: str, seconds: float) -> None:
     """Wall time per phase, summed over the invocations that worked on a run (resumed runs too)."""
     times = json.loads(path.read_text()) if path.exists() else {}
     times[what] = times.get(what, 0.0) + seconds
-    path.write_text(json.dumps(times, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(times, indent=1) + "\n")   # read back by every later invocation
 
 
 def _eval_unit(run: Run, model_dir: str, out: Path, env: dict, file: str, flags: list[str]) -> dict:
