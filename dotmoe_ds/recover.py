@@ -45,8 +45,9 @@ from dotmoe_ds.export import (TOKENIZER_FILES, ExportError, PlannedTensor, Strea
 from dotmoe_ds.families import ADAPTERS, FamilyAdapter
 from dotmoe_ds.monitor import Monitor, Throughput, memory_gb
 from dotmoe_ds.provenance import portable_command, public_model_name
-from dotmoe_ds.runframe import (PreflightError, checked_data_config, launch, load_data, load_model_config, open_run,
-                                output_action, say, start_or_resume, stop_requested, stopped_exit)
+from dotmoe_ds.runframe import (PreflightError, add_loop_time, checked_data_config, launch, load_data,
+                                load_model_config, open_run, output_action, run_seconds, say, start_or_resume,
+                                stop_requested, stopped_exit)
 
 # The settings a resumed recovery must share with the run it continues, besides train.RESUME_KEYS:
 # the expert-parallel size fixes how the experts are partitioned in the checkpoint.
@@ -266,6 +267,7 @@ def autoep_layers(model: nn.Module) -> list[nn.Module]:
 class RecoveryState:
     step: int = 0
     losses: list = field(default_factory=list)     # (step, mean CE over ranks)
+    loop_seconds: float | None = 0.0               # the training loop's time (runframe.add_loop_time)
 
     @property
     def last_loss(self) -> float:
@@ -274,7 +276,8 @@ class RecoveryState:
 
 def save_recovery_checkpoint(engine, plan: RecoveryPlan, state: RecoveryState) -> CheckpointInfo:
     client = {"dotmoe_recover": {"step": state.step, "micro_step": state.step * plan.cfg.data.grad_accum,
-                                 "losses": state.losses, "ep_size": plan.ep_size}}
+                                 "losses": state.losses, "loop_seconds": state.loop_seconds,
+                                 "ep_size": plan.ep_size}}
     return save_checkpoint(engine, checkpoint_dir(plan.output), state.step, client, {"rng": rng_state()},
                            keep=plan.cfg.checkpoint.keep_checkpoints)
 
@@ -286,7 +289,8 @@ def resume_recovery(engine, info: CheckpointInfo) -> RecoveryState:
         raise CheckpointError(f"{info.path} was not written by a recovery run (no 'dotmoe_recover' client state); "
                               "pass --overwrite or another --output")
     set_rng_state(rank_state["rng"])
-    return RecoveryState(step=int(ours["step"]), losses=[tuple(x) for x in ours.get("losses", [])])
+    return RecoveryState(step=int(ours["step"]), losses=[tuple(x) for x in ours.get("losses", [])],
+                         loop_seconds=ours.get("loop_seconds"))
 
 
 def log_expert_load(monitor: Monitor, layers: list[nn.Module], step: int) -> None:
@@ -318,6 +322,7 @@ def train_recovery(engine, plan: RecoveryPlan, packed: PackedData, state: Recove
     layers = autoep_layers(engine.module)
     tokens_per_micro = d.batch_size * d.seq_len * dist.world_size()
     engine.train()
+    clock = time.perf_counter()
     while state.step < t.steps:
         total = torch.zeros(1, dtype=torch.float64)
         for _ in range(gas):
@@ -328,6 +333,7 @@ def train_recovery(engine, plan: RecoveryPlan, packed: PackedData, state: Recove
             total += loss.item()
             speed.add(tokens_per_micro)
         state.step += 1
+        clock = add_loop_time(state, clock)
         ce = (dist.all_reduce_sum(total) / (gas * dist.world_size())).item()
         state.losses.append((state.step, ce))
         rate = speed.rate()
@@ -524,6 +530,7 @@ def _run(plan: RecoveryPlan, info: dist.DistInfo, wall_start: float) -> int:
     monitor = Monitor(plan.output / "tensorboard" / "dotmoe", cfg.train.steps, state.step, enabled=info.is_main)
     if monitor.bar is not None:
         monitor.bar.set_description("recovering")
+    resumed_loop_seconds = state.loop_seconds
     try:
         try:
             finished = train_recovery(engine, plan, packed, state, monitor, stop)
@@ -531,7 +538,7 @@ def _run(plan: RecoveryPlan, info: dist.DistInfo, wall_start: float) -> int:
             stop.uninstall()
         if not finished:
             return stopped_exit(stop, state.step)
-        res = finish_recovery(engine, plan, packed, state, monitor, wall_start, zero_stage(ds))
+        res = finish_recovery(engine, plan, packed, state, monitor, wall_start, zero_stage(ds), resumed_loop_seconds)
     finally:
         monitor.close()
     if info.is_main:
@@ -542,7 +549,7 @@ def _run(plan: RecoveryPlan, info: dist.DistInfo, wall_start: float) -> int:
 
 
 def finish_recovery(engine, plan: RecoveryPlan, packed: PackedData, state: RecoveryState, monitor: Monitor,
-                    wall_start: float, stage: int) -> dict:
+                    wall_start: float, stage: int, resumed_loop_seconds: float | None = 0.0) -> dict:
     cfg = plan.cfg
     engine.eval()
     recovery = {"steps": cfg.train.steps, "ep_size": plan.ep_size, "world_size": dist.world_size(),
@@ -560,7 +567,9 @@ def finish_recovery(engine, plan: RecoveryPlan, packed: PackedData, state: Recov
     monitor.scalars(cfg.train.steps, {"eval/ppl_recovered": ev.ppl})
     res = {"phase": "recover", "model": plan.model_path, "steps": cfg.train.steps, "world_size": dist.world_size(),
            "ep_size": plan.ep_size, "zero_stage": stage, "eval": ev.to_dict(), "final_train_loss": state.last_loss,
-           "losses": state.losses, "export": export_dir, "wall_seconds": time.perf_counter() - wall_start}
+           "losses": state.losses, "export": export_dir, "wall_seconds": time.perf_counter() - wall_start,
+           "loop_seconds": state.loop_seconds}
+    res["run_seconds"] = run_seconds(res["wall_seconds"], resumed_loop_seconds)
     if dist.is_main():
         (plan.output / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     return res

@@ -11,6 +11,8 @@ up: load, train, finish). The frame supplies what they share:
     start_or_resume(resume, start)    the stop-signal scaffold around resuming / initialising
     stop_requested(stop, step, cfg)   a signal on any rank or --stop_at_step reached (collective)
     stopped_exit(stop, step)          the log line and exit code of a run stopped by a signal or --stop_at_step
+    add_loop_time(state, since)       the training loop's seconds, carried in the checkpoints (state.loop_seconds)
+    run_seconds(wall, resumed_loop)   what one uninterrupted invocation of a resumed run would have taken
 
 and the preflight pieces: load_model_config, check_causal_lm, data_config, output_action,
 check_resume_config, plus `say` (rank 0's log line). A phase's plan needs the attributes
@@ -314,6 +316,25 @@ def stop_requested(stop: StopSignal, step: int, cfg: RunConfig) -> bool:
     """Collective: a stop signal on any rank, or `--stop_at_step` reached before the last step."""
     at = cfg.checkpoint.stop_at_step
     return dist.any_rank(stop.requested) or (0 < at <= step < cfg.train.steps)
+
+
+def add_loop_time(state, since: float) -> float:
+    """Add the seconds since `since` to `state.loop_seconds`, the training loop's time up to the state's
+    step summed over the invocations that reached it (a phase keeps it in its checkpoints, so steps a
+    killed invocation took after its last checkpoint are redone and counted once). It stays None when
+    the run resumed from a checkpoint that did not record it. Returns now: the next step's `since`."""
+    now = time.perf_counter()
+    if state.loop_seconds is not None:
+        state.loop_seconds += now - since
+    return now
+
+
+def run_seconds(wall_seconds: float, resumed_loop_seconds: float | None) -> float | None:
+    """What one uninterrupted invocation would have taken: this invocation's wall time (its setup, its
+    share of the loop, its finish) plus the loop time of the invocations before it, as the checkpoint it
+    resumed from carried it (0 for a fresh run); None when that checkpoint did not record it. A resumed
+    run's wall_seconds covers only its last invocation."""
+    return None if resumed_loop_seconds is None else wall_seconds + resumed_loop_seconds
 
 
 def stopped_exit(stop: StopSignal, step: int) -> int:

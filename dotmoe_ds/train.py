@@ -65,9 +65,9 @@ from dotmoe_ds.score_optim import ScoreOptimizer, ScoreSchedule, count_flips
 from dotmoe_ds.sharded_sinkhorn import broadcast_from_owners, select_plan_fn
 from dotmoe_ds.spec import (MoESpec, SpecError, describe_budget, resolve_budget, routed_instead_of_shared,
                             shared_from_fraction)
-from dotmoe_ds.runframe import (EXIT_USAGE, PreflightError, check_causal_lm, checked_data_config,
+from dotmoe_ds.runframe import (EXIT_USAGE, PreflightError, add_loop_time, check_causal_lm, checked_data_config,
                                 is_main_process, launch, load_data, load_model_config, open_run, output_action,
-                                say, start_or_resume, stop_requested, stopped_exit)
+                                run_seconds, say, start_or_resume, stop_requested, stopped_exit)
 from dotmoe_ds.runlock import RunLockError
 
 
@@ -638,10 +638,7 @@ def train_loop(engine, layers: list[DotMoEFFN], plan: Plan, packed: PackedData, 
             if score_opt.flip_check:
                 assign_scalars["assign/undone_layers"] = done["undone"]
         state.step += 1
-        if state.loop_seconds is not None:
-            now = time.perf_counter()
-            state.loop_seconds += now - clock
-            clock = now
+        clock = add_loop_time(state, clock)
         lb, z = aux.take()
         recon = aux.take_recon()
         ce_m, kd_m, main = (dist.all_reduce_sum(sums) / (gas * dist.world_size())).tolist()
@@ -728,8 +725,8 @@ def dense_weights(cfg: RunConfig) -> str:
 
 
 def finish(engine, layers, plan: Plan, packed: PackedData, state: LoopState, monitor: Monitor,
-           wall_start: float, loop_seconds_here: float = 0.0) -> dict:
-    """Evaluate and export. `loop_seconds_here`: this invocation's share of `state.loop_seconds`."""
+           wall_start: float, resumed_loop_seconds: float | None = 0.0) -> dict:
+    """Evaluate and export. `resumed_loop_seconds`: the loop time the resumed checkpoint carried."""
     cfg = plan.cfg
     module = engine.module
     set_tau(module, cfg.objective.tau_end)
@@ -764,10 +761,7 @@ def finish(engine, layers, plan: Plan, packed: PackedData, state: LoopState, mon
            "final_train_loss": state.last_loss if state.losses else None,   # None: nothing was trained
            "export": export_info, "wall_seconds": time.perf_counter() - wall_start,
            "loop_seconds": state.loop_seconds}
-    # What one uninterrupted invocation would have taken: this one's setup and finish, plus the
-    # training loop's time over all invocations (a resumed run's wall_seconds covers only the last one).
-    res["run_seconds"] = (None if state.loop_seconds is None
-                          else res["wall_seconds"] - loop_seconds_here + state.loop_seconds)
+    res["run_seconds"] = run_seconds(res["wall_seconds"], resumed_loop_seconds)
     pruned = baselines.pruned_layers(module)
     if pruned:
         res["pruned"] = {"kept_neurons": pruned[0].kept_count,
@@ -840,7 +834,7 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
     stop, state = start_or_resume(resumed if plan.resume_from is not None else None, started)
 
     monitor = Monitor(plan.output / "tensorboard" / "dotmoe", cfg.train.steps, state.step, enabled=info.is_main)
-    loop_seconds_before = state.loop_seconds
+    resumed_loop_seconds = state.loop_seconds
     try:
         try:
             finished = (train_loop(engine, moe_layers, plan, packed, state, monitor, stop, aux)
@@ -850,8 +844,7 @@ def _run(plan: Plan, info: dist.DistInfo, wall_start: float) -> int:
         if not finished:
             return stopped_exit(stop, state.step)
         aux.remove()
-        loop_seconds_here = (state.loop_seconds or 0.0) - (loop_seconds_before or 0.0)
-        res = finish(engine, layers, plan, packed, state, monitor, wall_start, loop_seconds_here)
+        res = finish(engine, layers, plan, packed, state, monitor, wall_start, resumed_loop_seconds)
     finally:
         monitor.close()
     if info.is_main:

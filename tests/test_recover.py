@@ -290,6 +290,10 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(moe, ep2):
     rc, log = _run(root, path, out, "--ep_size", "2")      # the same command: resumes at step 2
     assert rc == 0 and "resumed from" in log and "at step 2" in log, log[-3000:]
     assert _losses(out) == _losses(ref)
+    # The resumed invocation's run_seconds adds the loop time of steps 1-2 from the killed one.
+    ra, rb = (json.loads((o / "results.json").read_text()) for o in (ref, out))
+    assert rb["loop_seconds"] > 0 and rb["run_seconds"] > rb["wall_seconds"]
+    assert ra["run_seconds"] == ra["wall_seconds"] and ra["loop_seconds"] < ra["wall_seconds"]
     a, b = _weights(ref / "model"), _weights(out / "model")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0

@@ -153,6 +153,23 @@ def test_a_truncated_json_line_is_named_also_past_the_first_chunk(tmp_path):
 
 # ---------------------------------------------------------------------- provenance
 
+def test_loop_time_and_the_uninterrupted_run_time(monkeypatch):
+    """add_loop_time adds the seconds since the last step (a state resumed from a checkpoint without
+    loop time keeps None); run_seconds is this invocation's wall time + the loop time carried in from
+    earlier invocations (a run killed after step 5, checkpointed at 4, resumed: steps 5.. counted once)."""
+    from types import SimpleNamespace
+
+    now = iter([10.0, 13.5, 20.0])
+    monkeypatch.setattr(runframe.time, "perf_counter", lambda: next(now))
+    state, old = SimpleNamespace(loop_seconds=40.0), SimpleNamespace(loop_seconds=None)
+    assert runframe.add_loop_time(state, 8.0) == 10.0 and state.loop_seconds == pytest.approx(42.0)
+    assert runframe.add_loop_time(state, 10.0) == 13.5 and state.loop_seconds == pytest.approx(45.5)
+    assert runframe.add_loop_time(old, 15.0) == 20.0 and old.loop_seconds is None
+    assert runframe.run_seconds(25.0, 40.0) == pytest.approx(65.0)   # 40 s of loop before this invocation
+    assert runframe.run_seconds(25.0, 0.0) == 25.0                   # a fresh run: its own wall time
+    assert runframe.run_seconds(25.0, None) is None
+
+
 def test_portable_command_and_public_model_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()

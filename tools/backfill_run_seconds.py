@@ -7,8 +7,8 @@ Each invocation of the trainer writes its own events file. A step's time is the 
 `loss/total` event and the previous step's in the same file; a step that a later invocation redid
 (after resuming from an earlier checkpoint) counts from the later file only; the first step of each
 invocation (whose gap would include the start-up) counts as that invocation's median step. Then
-run_seconds = wall_seconds of the finishing invocation - its loop time + the loop time of all, as
-the trainer computes it for new runs (train.finish). Prints the figures; --write stores them with
+run_seconds = wall_seconds of the finishing invocation + the loop time of the invocations before it,
+as the trainer computes it for new runs (runframe.run_seconds). Prints the figures; --write stores them with
 "run_seconds_from": "tensorboard events".
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from dotmoe_ds.checkpoint import atomic_write_text  # noqa: E402
 from dotmoe_ds.monitor import events_dir  # noqa: E402
+from dotmoe_ds.runframe import run_seconds as uninterrupted_seconds  # noqa: E402
 
 TAG = "loss/total"
 
@@ -74,7 +75,7 @@ def main(run: str, write: bool = False) -> None:
     for name, steps, seconds in parts:
         print(f"{name}: steps {steps[0]}-{steps[-1]}, {seconds:.0f} s ({seconds / len(steps):.1f} s/step)")
     loop = sum(s for _, _, s in parts)
-    run_seconds = res["wall_seconds"] - parts[-1][2] + loop
+    run_seconds = uninterrupted_seconds(res["wall_seconds"], loop - parts[-1][2])
     print(f"loop {loop:.0f} s; run_seconds {run_seconds:.0f} s "
           f"(finishing invocation's wall {res['wall_seconds']:.0f} s)")
     if write:
