@@ -82,9 +82,9 @@ class MoEArgs:
     recipe: str = DEFAULT_RECIPE
     """measured flag values applied under the command line (dotmoe_ds/recipes.py): dot50 (the quality
     study's best 50%-active conversion: a shared expert of a third of d_ff + 16 experts, top-4, the
-    co-activation partition kept; routers and FFN weights trained with distillation + reconstruction;
-    its budget only when no budget flag is given, its other flags each unless given) or none (the
-    plain defaults listed here)"""
+    co-activation start, the assignment learned with the flip bound and the flip check; routers and FFN
+    weights trained with distillation + reconstruction; its budget only when no budget flag is given,
+    its other flags each unless given) or none (the plain defaults listed here)"""
     num_experts: int = 8
     """routed experts per layer"""
     top_k: int = 4
@@ -106,9 +106,9 @@ class MoEArgs:
     """comma-separated neurons of each routed expert (non-uniform experts); with --shared_neurons they
     must add up to d_ff; empty: equal experts"""
     method: str = "dot"
-    """dot: learn the assignment (Sinkhorn + STE; at --scores_lr_scale 0, as in the dot50 recipe, it
-    stays at its start) and the router; random / cluster: a fixed random / balanced k-means partition
-    with the router trained the same way (same budget, METHOD.md 7); prune: structured FFN pruning to
+    """dot: learn the assignment (Sinkhorn + STE; at --scores_lr_scale 0 it stays at its start) and
+    the router; random / cluster: a fixed random / balanced k-means partition with the router trained
+    the same way (same budget, METHOD.md 7); prune: structured FFN pruning to
     the same active fraction, exported as a dense model"""
     partition: str = "auto"
     """initial partition: random, kmeans (on the neurons' [W_g; W_u] rows), coactivation (on
@@ -407,8 +407,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--max_flip_frac must be in [0, 1] (0: no bound), got {o.max_flip_frac}")
     _choice("flip_check", o.flip_check, FLIP_CHECKS)
     if o.flip_check == "recon" and o.recon_weight <= 0:
-        raise ConfigError("--flip_check recon judges flips by the reconstruction error, which --recon_weight 0 "
-                          "does not compute: pass --recon_weight > 0 (the recipe's is 1) or --flip_check none")
+        raise ConfigError("--flip_check recon (the dot50 recipe's) judges flips by the reconstruction error, which "
+                          "--recon_weight 0 does not compute: pass --recon_weight > 0 (the recipe's is 1) or "
+                          "--flip_check none")
     _choice("text_unit", d.text_unit, ("document", "paragraph", "line"))
     _choice("encoding_errors", d.encoding_errors, ("strict", "replace", "ignore"))
     _choice("eval_split", d.eval_split, ("auto", "documents", "paragraphs"))

@@ -17,7 +17,8 @@ def test_no_flags_get_the_dot50_recipe():
     assert cfg.moe.recipe == "dot50"
     assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.shared_fraction, cfg.moe.shared_neurons) == (16, 4, 1 / 3, 0)
     o = cfg.objective
-    assert (o.trainable, o.kd_weight, o.recon_weight, o.scores_lr_scale, cfg.moe.beta) == ("ffn", 1.0, 1.0, 0.0, 1.0)
+    assert (o.trainable, o.kd_weight, o.recon_weight, o.scores_lr_scale, cfg.moe.beta) == ("ffn", 1.0, 1.0, 30.0, 1.0)
+    assert (o.max_flip_frac, o.scores_settle_frac, o.flip_check) == (0.01, 0.75, "recon")
     assert cfg.partition == "coactivation"      # DOT with a shared expert starts from co-activation
 
 
@@ -65,8 +66,10 @@ def test_bad_recipe_flags_are_refused(argv, needle):
 
 def test_every_recipe_value_is_a_flag_of_its_type():
     for recipe in RECIPES.values():
-        for name, value in {**recipe.budget, **recipe.training}.items():
-            cfg = parse_args(["--recipe", "none", f"--{name}", str(value)])
+        values = {**recipe.budget, **recipe.training}
+        # all at once: some values need others (--flip_check recon needs --recon_weight > 0)
+        cfg = parse_args(["--recipe", "none", *(arg for name, value in values.items() for arg in (f"--{name}", str(value)))])
+        for name, value in values.items():
             assert any(getattr(section, name, object()) == value for section in vars(cfg).values()), name
 
 

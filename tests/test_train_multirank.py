@@ -93,7 +93,7 @@ def _args(setup, out, *extra):
             # on this tiny model, which leaves training nothing to show.
             "--partition", "kmeans", "--router_init", "gate_mean",
             # The multi-rank mechanics of learning the assignment (scores, router) are what these
-            # tests check, so no recipe (which keeps the assignment and trains the FFN weights).
+            # tests check, so no recipe (which also trains the FFN weights and checks the flips).
             "--recipe", "none", *extra]
 
 
