@@ -182,7 +182,7 @@ def plan_runs(s: Setting) -> list[Run]:
     plan += [(m, b, seed0) for b in more for m in ("dot", "prune")]
     # Added in session 8: seed 0 of the flip check had the lowest next-token loss on the (fresh) training
     # batches of the three DOT variants, while its total loss tied the frozen start's (README); a second
-    # seed decides whether it replaces the frozen start in the recipe.
+    # seed decides whether it replaces the frozen start in the recipe (it did, session 10: README).
     plan += [("dot_checked", head, seed) for seed in other_seeds]
     runs = [Run("dense", "dense", "")]
     for method, budget, seed in plan:
