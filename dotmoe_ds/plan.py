@@ -31,7 +31,8 @@ x seq_len tokens; d hidden, f d_ff, V vocab, L layers, E' score columns = E (+1 
                       tests/test_plan_memory.py). Frozen linear layers keep nothing of their input, so
                       the default run (only scores + router trained) stores far less than fine-tuning.
                       With activation checkpointing: the L layer inputs (a x t x d each), plus one
-                      layer recomputed during backward.
+                      layer recomputed during backward. The reconstruction term (`recon`) adds its
+                      fp32 difference to the dense output, 4 x t x d + 4 x t per layer.
   layer working set   one layer's transient fp32 mask [t, f] and the activation gradients of backward.
   logits + loss       HF's loss keeps a x tV logits and 4 x tV fp32 log-probs; backward adds two fp32
                       [t, V] gradients: (a + 12) x t x V at the loss's backward.
@@ -398,12 +399,14 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
                 top_k: int = 2, shared_neurons: int = 0, seq_len: int = 4096, micro_batch: int | None = None,
                 activation_checkpointing: bool = True, distillation: bool = False,
                 trainable: str = "assignment", phase: str = "convert", margin: float = 0.1,
-                runtime_gb: float | None = None, device: str = "gpu", teacher: str = "trained") -> MemoryPlan:
+                runtime_gb: float | None = None, device: str = "gpu", teacher: str = "trained",
+                recon: bool = False) -> MemoryPlan:
     """Per-GPU memory of a DOT-MoE conversion ('convert') or of an exported MoE's recovery training
     ('recover', expert-parallel). `gpu_memory_gb` is GiB per rank; `trainable` is 'assignment'
     (scores + router, the default), 'ffn' (also the FFN weights) or 'all'; `teacher` is the trainer's
-    --teacher ('original' keeps a frozen FFN copy while the FFN weights train). Raises PlanError for
-    input it cannot use (including an impossible MoE budget)."""
+    --teacher ('original' keeps a frozen FFN copy while the FFN weights train); `recon` is a
+    conversion with the reconstruction term (--recon_weight > 0, as in the dot50 recipe). Raises
+    PlanError for input it cannot use (including an impossible MoE budget)."""
     if teacher not in TEACHERS:
         raise PlanError(f"teacher must be one of {', '.join(TEACHERS)}, got {teacher!r}")
     shape = load_model_shape(model)
@@ -520,7 +523,7 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
 
     # --- activations
     per_layer = layer_activation_bytes(shape, tokens, a, trainable=trainable, columns=columns,
-                                       experts=num_experts, top_k=top_k)
+                                       experts=num_experts, top_k=top_k, recon=recon and phase == "convert")
     act_advice = ("turn on activation checkpointing, or " if not activation_checkpointing else "") + (
         f"lower the sequence length (now {seq_len}) or the micro batch (now {mb})")
     if activation_checkpointing:
@@ -561,7 +564,8 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
     run_summary = (f"run: E={num_experts} k={top_k}" + (f" shared={shared_neurons}" if shared_neurons else "")
                    + f", seq_len={seq_len} micro_batch={mb}, activation checkpointing "
                    + ("on" if activation_checkpointing else "off")
-                   + (", distillation" if distillation else "") + f", trainable={trainable}")
+                   + (", distillation" if distillation else "")
+                   + (", reconstruction term" if recon and phase == "convert" else "") + f", trainable={trainable}")
     return MemoryPlan(model=shape, world_size=world, capacity_bytes=gpu_memory_gb * GiB, margin=margin,
                       terms=terms, settings=dict(phase=phase, nodes=nodes, gpus_per_node=gpus_per_node,
                                                  device=device, ds_summary=ds_summary, run_summary=run_summary,
@@ -569,14 +573,16 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
 
 
 def layer_activation_bytes(shape: ModelShape, tokens: int, a: int, *, trainable: str = "assignment",
-                           columns: int = 0, experts: int = 8, top_k: int = 2) -> float:
+                           columns: int = 0, experts: int = 8, top_k: int = 2, recon: bool = False) -> float:
     """Bytes autograd keeps for backward in one decoder layer (Llama-style, SDPA attention).
 
     Counted tensor by tensor (t tokens): each RMSNorm keeps its fp32 input and rsqrt (4td + 4t);
     attention keeps q, k, v, its output (a x t x (2 q + 2 kv) width) and the fp32 log-sum-exp (4th);
     the SwiGLU keeps gate, act(gate), up (3 a t f); DOT-MoE adds h and the mask (2 a t f), the
     router's input (a t d), small [t, E] routing tensors and the plan/assignment [f, E'].
-    Trainable linear layers also keep their input; frozen ones keep nothing of it.
+    Trainable linear layers also keep their input; frozen ones keep nothing of it. The reconstruction
+    term (`recon`, DOT-MoE only) keeps the fp32 difference to the dense output and each token's
+    denominator (4td + 4t); its target is computed without gradient.
     """
     t, d = tokens, shape.hidden
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -594,6 +600,8 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, a: int, *, trainable:
         if columns:
             mlp += (2 * a * t * f + a * t * d + 20 * t * experts + 12 * t * top_k + 8 * t + 4 * experts
                     + 2 * 4 * f * columns)
+            if recon:
+                mlp += 4 * t * d + 4 * t
         if trainable in ("ffn", "all"):
             mlp += a * t * f + (0 if columns else a * t * d)                       # down input (+ gate/up input)
     if trainable == "all":   # trainable norm weights keep their normalised input, q/k/v and o_proj theirs
@@ -659,7 +667,7 @@ def main(model: str = "llama-3-70b", nodes: int = 8, gpus_per_node: int = 8, gpu
          seq_len: int = 4096, micro_batch: int | None = None, activation_checkpointing: bool = True,
          distillation: bool = False, trainable: str = "assignment", phase: str = "convert",
          margin: float = 0.1, runtime_gb: float | None = None, device: str = "gpu",
-         teacher: str = "trained", list_presets: bool = False) -> int:
+         teacher: str = "trained", recon: bool = False, list_presets: bool = False) -> int:
     """Print the per-GPU memory plan; exit 0 if it fits, 3 if not, 2 on bad input."""
     if list_presets:
         for name, cfg in PRESETS.items():
@@ -672,7 +680,7 @@ def main(model: str = "llama-3-70b", nodes: int = 8, gpus_per_node: int = 8, gpu
                            shared_neurons=shared_neurons, seq_len=seq_len, micro_batch=micro_batch,
                            activation_checkpointing=activation_checkpointing, distillation=distillation,
                            trainable=trainable, phase=phase, margin=margin, runtime_gb=runtime_gb,
-                           device=device, teacher=teacher)
+                           device=device, teacher=teacher, recon=recon)
     except PlanError as err:
         print(f"plan_memory: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -68,10 +68,11 @@ dm_preflight_common
 dm_check_model "$MODEL" MODEL
 dm_check_data "$DATA"
 dm_check_resume_world "$OUTPUT"
+# --recon: the dot50 recipe's reconstruction term (--recon_weight 1 unless EXTRA_ARGS sets it)
 dm_plan --model "${PLAN_MODEL:-$MODEL}" --num_experts "$NUM_EXPERTS" --top_k "$TOP_K" \
   --shared_neurons "$SHARED_NEURONS" --seq_len "$SEQ_LEN" --micro_batch "$BATCH_SIZE" \
   --trainable "$TRAINABLE" --distillation="$( [ "$KD_WEIGHT" = 0 ] && echo False || echo True )" \
-  --activation_checkpointing="$( [ "$ACTIVATION_CHECKPOINTING" = 1 ] && echo True || echo False )"
+  --activation_checkpointing="$( [ "$ACTIVATION_CHECKPOINTING" = 1 ] && echo True || echo False )" --recon=True
 dm_rendezvous
 
 # shellcheck disable=SC2206,SC2207  # EXTRA_ARGS and the flag helpers give lists of words

@@ -94,8 +94,9 @@ def test_small_plan_every_term_by_hand():
     assert plan.fits and plan.usable_bytes == pytest.approx(0.9 * GiB)
 
 
-def _saved_bytes(trainable: str, dtype: torch.dtype, dot: bool = True) -> tuple[int, float]:
-    """Bytes autograd saves in one Llama decoder layer (measured) and what the planner says."""
+def _saved_bytes(trainable: str, dtype: torch.dtype, dot: bool = True, recon: bool = False) -> tuple[int, float]:
+    """Bytes autograd saves in one Llama decoder layer (measured) and what the planner says; `recon`:
+    the layer also computes its reconstruction term (--recon_weight > 0)."""
     d, f, h, kv, s, E, k = 128, 256, 4, 2, 48, 4, 2
     cfg = LlamaConfig(hidden_size=d, intermediate_size=f, num_attention_heads=h, num_key_value_heads=kv,
                       num_hidden_layers=1, vocab_size=100)
@@ -105,6 +106,7 @@ def _saved_bytes(trainable: str, dtype: torch.dtype, dot: bool = True) -> tuple[
         m = layer.mlp
         layer.mlp = DotMoEFFN(m.gate_proj, m.up_proj, m.down_proj, m.act_fn, MoESpec.uniform(f, E, k),
                               init_assignment=torch.arange(f) % E, router_weight=0.01 * torch.randn(E, d, dtype=dtype))
+        layer.mlp.recon = recon
     layer.train()
     for name, p in layer.named_parameters():
         p.requires_grad_(trainable == "all" or (trainable == "ffn" and ".mlp." in f".{name}")
@@ -129,7 +131,7 @@ def _saved_bytes(trainable: str, dtype: torch.dtype, dot: bool = True) -> tuple[
     measured = sum(n for ptr, n in storages.items() if ptr not in skip)
     shape = pm.ModelShape.from_config({**SMALL, "hidden_size": d, "intermediate_size": f, "num_hidden_layers": 1})
     planned = pm.layer_activation_bytes(shape, s, dtype.itemsize, trainable=trainable, columns=E if dot else 0,
-                                        experts=E, top_k=k)
+                                        experts=E, top_k=k, recon=recon)
     return measured, planned
 
 
@@ -138,6 +140,14 @@ def _saved_bytes(trainable: str, dtype: torch.dtype, dot: bool = True) -> tuple[
 def test_layer_activations_equal_what_autograd_saves(trainable, dtype):
     measured, planned = _saved_bytes(trainable, dtype)
     assert planned == measured
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("trainable", pm.TRAINABLE)
+def test_reconstruction_term_activations_equal_what_autograd_saves(trainable, dtype):
+    measured, planned = _saved_bytes(trainable, dtype, recon=True)
+    assert planned == measured
+    assert planned > _saved_bytes(trainable, dtype)[1]      # the term keeps something of its own
 
 
 def test_dense_layer_activations_equal_what_autograd_saves():
