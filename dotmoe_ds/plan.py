@@ -427,6 +427,7 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
         columns, num_experts, top_k = 0, shape.experts, shape.experts_per_token
         if trainable == "assignment":
             trainable = "all"   # there is no assignment left to learn after export
+        recon = False           # nor a dense output to reconstruct
     world = nodes * gpus_per_node
     mb = micro_batch or ds.micro_batch or 1
     tokens = mb * seq_len
@@ -523,7 +524,7 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
 
     # --- activations
     per_layer = layer_activation_bytes(shape, tokens, a, trainable=trainable, columns=columns,
-                                       experts=num_experts, top_k=top_k, recon=recon and phase == "convert")
+                                       experts=num_experts, top_k=top_k, recon=recon)
     act_advice = ("turn on activation checkpointing, or " if not activation_checkpointing else "") + (
         f"lower the sequence length (now {seq_len}) or the micro batch (now {mb})")
     if activation_checkpointing:
@@ -565,7 +566,7 @@ def plan_memory(model: str | dict | ModelShape, *, nodes: int, gpus_per_node: in
                    + f", seq_len={seq_len} micro_batch={mb}, activation checkpointing "
                    + ("on" if activation_checkpointing else "off")
                    + (", distillation" if distillation else "")
-                   + (", reconstruction term" if recon and phase == "convert" else "") + f", trainable={trainable}")
+                   + (", reconstruction term" if recon else "") + f", trainable={trainable}")
     return MemoryPlan(model=shape, world_size=world, capacity_bytes=gpu_memory_gb * GiB, margin=margin,
                       terms=terms, settings=dict(phase=phase, nodes=nodes, gpus_per_node=gpus_per_node,
                                                  device=device, ds_summary=ds_summary, run_summary=run_summary,
