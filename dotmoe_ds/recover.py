@@ -35,8 +35,8 @@ from torch import nn
 
 from dotmoe_ds import distributed as dist
 from dotmoe_ds.autoep_compat import apply_autoep_compat
-from dotmoe_ds.checkpoint import (CheckpointError, CheckpointInfo, StopSignal, checkpoint_dir, load_checkpoint,
-                                  rng_state, save_checkpoint, set_rng_state)
+from dotmoe_ds.checkpoint import (CheckpointError, CheckpointInfo, StopSignal, atomic_write_text, checkpoint_dir,
+                                  load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from dotmoe_ds.config import RunConfig, load_ds_config, precision_dtype, resolve_ds_config, zero_stage
 from dotmoe_ds.data import DataConfig, DataError, PackedData, train_batches
 from dotmoe_ds.evaluate import perplexity, token_nll
@@ -571,5 +571,5 @@ def finish_recovery(engine, plan: RecoveryPlan, packed: PackedData, state: Recov
            "loop_seconds": state.loop_seconds}
     res["run_seconds"] = run_seconds(res["wall_seconds"], resumed_loop_seconds)
     if dist.is_main():
-        (plan.output / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+        atomic_write_text(plan.output / "results.json", json.dumps(res, indent=1) + "\n")   # never torn by a kill
     return res

@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from dotmoe_ds import distributed as dist
-from dotmoe_ds.checkpoint import (CheckpointError, CheckpointInfo, StopSignal, checkpoint_dir, load_checkpoint,
-                                  rng_state, save_checkpoint, set_rng_state)
+from dotmoe_ds.checkpoint import (CheckpointError, CheckpointInfo, StopSignal, atomic_write_text, checkpoint_dir,
+                                  load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from dotmoe_ds.config import (ConfigError, RunConfig, load_ds_config, parse_args, precision_dtype,
                               resolve_ds_config, zero_stage)
 from dotmoe_ds.data import DataConfig, DataError, PackedData, train_batches
@@ -772,7 +772,7 @@ def finish(engine, layers, plan: Plan, packed: PackedData, state: LoopState, mon
     if dist.is_main():
         table = results_table(res)
         res["table"] = table
-        (plan.output / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+        atomic_write_text(plan.output / "results.json", json.dumps(res, indent=1) + "\n")   # the study reads it back
         monitor.text("results", "<pre>" + table + "</pre>", cfg.train.steps)
     return res
 
