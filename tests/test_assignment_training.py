@@ -26,8 +26,9 @@ def _run(root, out, *extra):
             "--steps", str(STEPS), "--log_every", "2", "--checkpoint_every", "0", "--export", "false",
             "--partition", "random", "--beta", "0.5", "--scores_lr_scale", "30", "--scores_settle_frac", "0.75",
             "--recon_weight", "1", "--kd_weight", "0.5", "--max_flip_frac", str(BOUND_FRAC), "--trainable", "ffn",
-            # the recipe's flip check only where a test asks for it (a take-back counts as flips too)
-            *([] if "--flip_check" in extra else ["--flip_check", "none"]), *extra]
+            # every setting above is explicit; no recipe, so the flip check (a take-back counts as flips
+            # too) is on only where a test asks for it
+            "--recipe", "none", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "dotmoe_ds" / "train.py"), *argv], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
